@@ -1,0 +1,1 @@
+"""Sub-commands of `hap`; each module exposes `add_parser(subparsers)` and sets `run` on its args."""

@@ -1,0 +1,27 @@
+"""Exceptions that users can cause.
+
+Every message names the cause and the fix, so that a user reading only the last line of a
+traceback knows what to change.
+"""
+
+from __future__ import annotations
+
+
+class HapError(Exception):
+    """Base class of every error hierarchical-ap raises on purpose."""
+
+
+class ClusterSpecError(HapError, ValueError):
+    """A cluster description (spec string, file, Ray cluster) that cannot be used."""
+
+
+class ModelSpecError(HapError, ValueError):
+    """A model spec string that does not name a buildable model."""
+
+
+class CaptureError(HapError):
+    """A model that torch.export cannot capture (data-dependent control flow, unsupported Python)."""
+
+
+class NoFeasiblePlanError(HapError):
+    """No parallel plan fits in device memory."""

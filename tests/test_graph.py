@@ -1,0 +1,181 @@
+"""Graph capture and the symbolic profiler against real execution and published formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hierarchical_ap import CaptureError, capture
+from tests.measure import (
+    graph_inputs,
+    measured_node_forward_flops,
+    measured_saved_bytes,
+    measured_train_flops,
+)
+from tests.reference_models import MLP, SmallCNN, TinyGPT, class_loss, lm_loss
+
+
+def gpt_model_flops(batch: int, layers: int, seq: int, hidden: int, vocab: int) -> float:
+    """Korthikanti et al. eq. (7): model FLOPs of one training step, no recomputation."""
+    return 72 * batch * layers * seq * hidden**2 * (1 + seq / (6 * hidden) + vocab / (12 * layers * hidden))
+
+
+def _cases():
+    torch.manual_seed(0)
+    gpt = TinyGPT(layers=2, hidden=64, heads=4, vocab=128, seq=32)
+    ids = torch.randint(0, 128, (2, 32))
+    yield "gpt", gpt, (ids,), lm_loss, torch.randint(0, 128, (2, 32))
+    yield "mlp", MLP(), (torch.randn(8, 32),), class_loss, torch.randint(0, 10, (8,))
+    yield "cnn", SmallCNN(), (torch.randn(4, 3, 8, 8),), class_loss, torch.randint(0, 10, (4,))
+
+
+CASES = {name: case for name, *case in _cases()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_train_flops_match_real_flop_counter(name):
+    model, inputs, loss_fn, targets = CASES[name]
+    graph = capture(model, inputs, loss_fn=loss_fn, targets=targets)
+    assert graph.train_flops == measured_train_flops(model, inputs, loss_fn, targets)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_node_forward_flops_match_real_flop_counter(name):
+    model, inputs, loss_fn, targets = CASES[name]
+    graph = capture(model, inputs, loss_fn=loss_fn, targets=targets)
+    measured = measured_node_forward_flops(graph, graph_inputs(graph, model, (inputs, {}, targets)))
+    for node in graph.nodes.values():
+        assert node.profile.forward_flops == measured[node.name], node.name
+    assert sum(measured.values()) > 0
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_saved_activation_bytes_match_saved_tensors_hooks(name):
+    model, inputs, loss_fn, targets = CASES[name]
+    graph = capture(model, inputs, loss_fn=loss_fn, targets=targets)
+    measured = measured_saved_bytes(model, inputs, loss_fn, targets)
+    assert graph.saved_activation_bytes() == pytest.approx(measured, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "layers,hidden,heads,seq,vocab,batch",
+    [(2, 64, 4, 64, 512, 2), (4, 256, 8, 128, 1000, 1), (96, 12288, 96, 2048, 51200, 1)],
+)
+def test_gpt_training_flops_formula_on_meta(layers, hidden, heads, seq, vocab, batch):
+    with torch.device("meta"):
+        model = TinyGPT(layers, hidden, heads, vocab, seq)
+        ids = torch.zeros(batch, seq, dtype=torch.long)
+    graph = capture(model, (ids,), loss_fn=lm_loss, targets=ids)
+    expected = gpt_model_flops(batch, layers, seq, hidden, vocab)
+    assert graph.train_flops == pytest.approx(expected, rel=0.02)
+    assert graph.has_loss
+
+
+def test_layers_follow_modules_and_identical_blocks_share_a_hash():
+    with torch.device("meta"):
+        model = TinyGPT(layers=3, hidden=32, heads=2, vocab=64, seq=16)
+        ids = torch.zeros(2, 16, dtype=torch.long)
+    graph = capture(model, (ids,), loss_fn=lm_loss, targets=ids)
+    names = [layer.name for layer in graph.layers]
+    assert names[:2] == ["wte", "wpe"]
+    assert names[2:5] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert names[-2:] == ["ln", "head"]
+    hashes = {graph.layer(f"blocks.{i}").structural_hash for i in range(3)}
+    assert len(hashes) == 1
+    assert graph.layer("head").structural_hash not in hashes
+    assert set(graph.layer("blocks.1").params) == {
+        f"blocks.1.{p}" for p, _ in model.blocks[1].named_parameters()
+    }
+    assert set(graph.param_shapes) == set(dict(model.named_parameters()))
+    for node in graph.nodes.values():
+        if node.target == "aten.linear.default":
+            assert node.module_path.startswith(node.layer)
+
+
+def test_parameters_touched_and_output_metadata():
+    model = MLP(width=16, depth=1, classes=4)
+    graph = capture(model, (torch.randn(5, 16),))
+    linears = [n for n in graph.nodes.values() if n.target == "aten.linear.default"]
+    assert [n.params for n in linears] == [("net.0.weight", "net.0.bias"), ("out.weight", "out.bias")]
+    assert linears[-1].outputs[0].shape == (5, 4)
+    assert linears[-1].outputs[0].dtype == torch.float32
+    assert not graph.has_loss
+
+
+def test_capture_without_allocating_weights():
+    with torch.device("meta"):
+        model = TinyGPT(layers=2, hidden=4096, heads=32, vocab=50000, seq=2048)
+        ids = torch.zeros(4, 2048, dtype=torch.long)
+    graph = capture(model, (ids,), loss_fn=lm_loss, targets=ids)
+    assert graph.num_params == sum(p.numel() for p in model.parameters())
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_keyword_inputs_are_accepted():
+    model = MLP(width=8, depth=1)
+
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, *, features):
+            return self.inner(features)
+
+    graph = capture(Keyword(), {"features": torch.randn(3, 8)})
+    (name,) = graph.model_inputs
+    assert graph.input_values[name].shape == (3, 8)
+    assert graph.target_inputs == []
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = Gate()
+
+    def forward(self, x):
+        return self.gate(x)
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent branch: not traceable
+            return x * 2
+        return x
+
+
+def test_untraceable_model_names_module_and_line():
+    with pytest.raises(CaptureError) as info:
+        capture(DataDependent(), (torch.randn(3),))
+    message = str(info.value)
+    assert "module 'gate' (Gate)" in message
+    assert "test_graph.py" in message
+    assert "torch.cond" in message
+
+
+def test_non_scalar_loss_is_rejected():
+    model = MLP(width=8, depth=1)
+    with pytest.raises(CaptureError, match="one scalar tensor"):
+        capture(model, (torch.randn(3, 8),), loss_fn=lambda out: out * 2)
+
+
+def test_sdpa_profile_keeps_flash_semantics():
+    """Attention saves q, k, v, the output and O(s) statistics, never the s×s matrix."""
+    batch, seq, hidden, heads = 1, 512, 64, 4
+    with torch.device("meta"):
+        model = TinyGPT(1, hidden, heads, 32, seq)
+        ids = torch.zeros(batch, seq, dtype=torch.long)
+    graph = capture(model, (ids,), loss_fn=lm_loss, targets=ids)
+    (attn,) = [n for n in graph.nodes.values() if "scaled_dot_product" in n.target]
+    assert attn.profile.internal_saved_bytes < batch * heads * seq * seq
+    assert attn.profile.backward_flops == 2 * attn.profile.forward_flops
+    assert attn.profile.forward_flops == 4 * batch * heads * seq * seq * (hidden // heads)
+
+
+def test_loss_fn_without_targets():
+    model = MLP(width=8, depth=1)
+    graph = capture(model, (torch.randn(3, 8),), loss_fn=lambda out: F.relu(out).mean())
+    assert graph.has_loss
+    assert graph.train_flops > 0
