@@ -27,7 +27,9 @@ def main() -> None:
     started = time.perf_counter()
     bundle = from_spec(args.model, batch=args.batch, seq=args.seq, device="meta")
     built = time.perf_counter()
-    graph = capture(bundle.model, bundle.example_inputs, loss_fn=bundle.loss_fn, targets=bundle.targets)
+    graph = capture(
+        bundle.model, bundle.example_inputs, loss_fn=bundle.loss_fn, targets=bundle.targets
+    )
     done = time.perf_counter()
 
     print(f"model                 {args.model} (batch {args.batch}, seq {args.seq})")

@@ -5,13 +5,11 @@ Later stages of the project grow this into plan-and-train on local Ray CPU worke
 
 from __future__ import annotations
 
-from rich.console import Console
-
-from hierarchical_ap.commands.profile import profile_report, render
+from hierarchical_ap.commands.profile import profile_report, render, wide_console
 
 
 def main() -> None:
-    console = Console()
+    console = wide_console()
     console.rule("hierarchical-ap demo: symbolic profile of GPT-3 175B (batch 1, seq 2048)")
     render(profile_report("gpt3-175b", batch=1), console)
 

@@ -275,9 +275,11 @@ def _inline_region_wrappers(module: fx.GraphModule) -> None:
                 if sub_node.op == "placeholder":
                     continue
                 if sub_node.op == "output":
-                    results = pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, sub_node.args[0])
+                    results = pytree.tree_map(
+                        lambda a, env=env: env[a] if isinstance(a, fx.Node) else a, sub_node.args[0]
+                    )
                     continue
-                env[sub_node] = graph.node_copy(sub_node, lambda a: env[a])
+                env[sub_node] = graph.node_copy(sub_node, env.__getitem__)
         for user in list(node.users):
             if user.target is operator.getitem:
                 user.replace_all_uses_with(results[user.args[1]])
@@ -291,7 +293,9 @@ def _inline_region_wrappers(module: fx.GraphModule) -> None:
 
 def _check_scalar_loss(exported: torch.export.ExportedProgram) -> None:
     output_node = next(n for n in exported.graph.nodes if n.op == "output")
-    values = [a.meta.get("val") for a in pytree.tree_leaves(output_node.args) if isinstance(a, fx.Node)]
+    values = [
+        a.meta.get("val") for a in pytree.tree_leaves(output_node.args) if isinstance(a, fx.Node)
+    ]
     if len(values) != 1 or not isinstance(values[0], torch.Tensor) or values[0].numel() != 1:
         raise CaptureError(
             "loss_fn must return one scalar tensor (the loss), but the captured program returns "
@@ -419,12 +423,15 @@ def _build_node(
     nodes: Mapping[str, OpNode],
 ) -> OpNode:
     val = node.meta.get("val")
-    outputs = tuple(TensorMeta.of(t) for t in pytree.tree_leaves(val) if isinstance(t, torch.Tensor))
+    outputs = tuple(
+        TensorMeta.of(t) for t in pytree.tree_leaves(val) if isinstance(t, torch.Tensor)
+    )
     if node.target is operator.getitem:
         return _build_getitem(node, outputs, requires_grad, nodes)
 
     tensor_inputs = [
-        a for a in pytree.tree_leaves((node.args, node.kwargs))
+        a
+        for a in pytree.tree_leaves((node.args, node.kwargs))
         if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)
     ]
     input_requires_grad = [requires_grad.get(a.name, False) for a in tensor_inputs]
@@ -442,7 +449,9 @@ def _build_node(
         target=str(node.target),
         inputs=tuple(a.name for a in tensor_inputs),
         outputs=outputs,
-        params=tuple(dict.fromkeys(value_to_param[a.name] for a in tensor_inputs if a.name in value_to_param)),
+        params=tuple(
+            dict.fromkeys(value_to_param[a.name] for a in tensor_inputs if a.name in value_to_param)
+        ),
         module_path=module_path,
         layer=_layer_of_path(module_path),
         requires_grad=needs_grad,
@@ -464,7 +473,9 @@ def _build_getitem(
     """
     source = node.args[0]
     assert isinstance(source, fx.Node)
-    needs_grad = requires_grad.get(source.name, False) and any(m.dtype.is_floating_point for m in outputs)
+    needs_grad = requires_grad.get(source.name, False) and any(
+        m.dtype.is_floating_point for m in outputs
+    )
     requires_grad[node.name] = needs_grad
     source_node = nodes.get(source.name)
     module_path = _module_path(node)
@@ -539,7 +550,14 @@ def _structural_hash(graph: OpGraph, layer: Layer) -> str:
                 rel = fqn[len(prefix) :] if fqn.startswith(prefix) else fqn
                 operands.append(("param", rel, graph.param_shapes[fqn]))
             else:
-                operands.append(("external", graph.nodes[value].outputs if value in graph.nodes else graph.input_values.get(value)))
+                operands.append(
+                    (
+                        "external",
+                        graph.nodes[value].outputs
+                        if value in graph.nodes
+                        else graph.input_values.get(value),
+                    )
+                )
         items.append((node.target, tuple(operands), node.outputs, node.profile))
     return hashlib.sha1(repr(items).encode()).hexdigest()[:16]
 

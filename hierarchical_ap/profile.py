@@ -50,7 +50,11 @@ class TensorMeta:
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> TensorMeta:
-        return cls(tuple(int(s) for s in tensor.shape), tuple(int(s) for s in tensor.stride()), tensor.dtype)
+        return cls(
+            tuple(int(s) for s in tensor.shape),
+            tuple(int(s) for s in tensor.stride()),
+            tensor.dtype,
+        )
 
 
 @dataclass(frozen=True)

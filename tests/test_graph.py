@@ -19,7 +19,14 @@ from tests.reference_models import MLP, SmallCNN, TinyGPT, class_loss, lm_loss
 
 def gpt_model_flops(batch: int, layers: int, seq: int, hidden: int, vocab: int) -> float:
     """Korthikanti et al. eq. (7): model FLOPs of one training step, no recomputation."""
-    return 72 * batch * layers * seq * hidden**2 * (1 + seq / (6 * hidden) + vocab / (12 * layers * hidden))
+    return (
+        72
+        * batch
+        * layers
+        * seq
+        * hidden**2
+        * (1 + seq / (6 * hidden) + vocab / (12 * layers * hidden))
+    )
 
 
 def _cases():
@@ -98,7 +105,10 @@ def test_parameters_touched_and_output_metadata():
     model = MLP(width=16, depth=1, classes=4)
     graph = capture(model, (torch.randn(5, 16),))
     linears = [n for n in graph.nodes.values() if n.target == "aten.linear.default"]
-    assert [n.params for n in linears] == [("net.0.weight", "net.0.bias"), ("out.weight", "out.bias")]
+    assert [n.params for n in linears] == [
+        ("net.0.weight", "net.0.bias"),
+        ("out.weight", "out.bias"),
+    ]
     assert linears[-1].outputs[0].shape == (5, 4)
     assert linears[-1].outputs[0].dtype == torch.float32
     assert not graph.has_loss

@@ -6,7 +6,12 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FRONT_DOOR = {"hierarchical_ap.cli", "hierarchical_ap.commands", "hierarchical_ap.api", "hierarchical_ap.visualize"}
+FRONT_DOOR = {
+    "hierarchical_ap.cli",
+    "hierarchical_ap.commands",
+    "hierarchical_ap.api",
+    "hierarchical_ap.visualize",
+}
 ALLOWED = {
     # package -> packages it may import (besides itself)
     "hierarchical_ap": set(),
@@ -44,5 +49,7 @@ def test_imports_point_one_way():
                 if top in ALLOWED and top != package and top not in allowed:
                     violations.append(f"{module} imports {imported}")
                 if package == "runtime" and top == "intra_op" and imported not in RUNTIME_INTRA_OP:
-                    violations.append(f"{module} imports {imported} (runtime may use intra_op.apply only)")
+                    violations.append(
+                        f"{module} imports {imported} (runtime may use intra_op.apply only)"
+                    )
     assert not violations, violations

@@ -51,7 +51,12 @@ def output_logits(output: object) -> torch.Tensor:
 def test_family_spec_fields_and_defaults() -> None:
     gpt = parse_zoo_spec("gpt:layers=2,hidden=64,heads=4,vocab=512,seq=32")
     assert (gpt.family, gpt.layers, gpt.hidden, gpt.heads, gpt.vocab, gpt.seq) == (
-        "gpt", 2, 64, 4, 512, 32
+        "gpt",
+        2,
+        64,
+        4,
+        512,
+        32,
     )
     assert (gpt.ffn_hidden, gpt.kv_heads, gpt.tied_head, gpt.dropout) == (256, 4, True, 0.0)
     llama = parse_zoo_spec("llama:layers=2,hidden=4096,heads=32,vocab=32000,seq=128")
@@ -59,7 +64,9 @@ def test_family_spec_fields_and_defaults() -> None:
 
 
 def test_optional_keys() -> None:
-    gpt = parse_zoo_spec("gpt:layers=2,hidden=64,heads=4,vocab=512,seq=32,ffn=100,tied=0,dropout=0.1")
+    gpt = parse_zoo_spec(
+        "gpt:layers=2,hidden=64,heads=4,vocab=512,seq=32,ffn=100,tied=0,dropout=0.1"
+    )
     assert (gpt.ffn_hidden, gpt.tied_head, gpt.dropout) == (100, False, 0.1)
     llama = parse_zoo_spec(
         "llama:layers=1,hidden=64,heads=4,kv_heads=1,ffn=96,vocab=10,seq=8,rope_theta=500000"
@@ -93,7 +100,9 @@ def test_megatron_presets_match_table() -> None:
     for row in rows:
         config = parse_zoo_spec(megatron_name(float(row["params_b"])))
         assert (config.layers, config.hidden, config.heads) == (
-            int(row["layers"]), int(row["hidden"]), int(row["heads"])
+            int(row["layers"]),
+            int(row["hidden"]),
+            int(row["heads"]),
         )
         assert (config.seq, config.vocab) == (2048, 51200)
 
@@ -101,12 +110,19 @@ def test_megatron_presets_match_table() -> None:
 def test_alpa_presets_match_suite() -> None:
     rows = read_data_csv("alpa_gpt_suite.csv")
     assert [row["name"] for row in rows] == [
-        "gpt-350m", "gpt-1.3b", "gpt-2.6b", "gpt-6.7b", "gpt-15b", "gpt-39b"
+        "gpt-350m",
+        "gpt-1.3b",
+        "gpt-2.6b",
+        "gpt-6.7b",
+        "gpt-15b",
+        "gpt-39b",
     ]
     for row in rows:
         config = parse_zoo_spec(row["name"])
         assert (config.layers, config.hidden, config.heads) == (
-            int(row["layers"]), int(row["hidden"]), int(row["heads"])
+            int(row["layers"]),
+            int(row["hidden"]),
+            int(row["heads"]),
         )
         assert (config.seq, config.vocab) == (1024, 51200)
 
@@ -119,7 +135,13 @@ def test_llama3_presets() -> None:
     }
     for name, shape in expected.items():
         config = parse_zoo_spec(name)
-        assert (config.layers, config.hidden, config.heads, config.kv_heads, config.ffn_hidden) == shape
+        assert (
+            config.layers,
+            config.hidden,
+            config.heads,
+            config.kv_heads,
+            config.ffn_hidden,
+        ) == shape
         assert (config.vocab, config.seq, config.rope_theta) == (128256, 8192, 500000.0)
         assert not config.tied_head
 
@@ -211,9 +233,7 @@ def test_zoo_export_keeps_block_paths(spec: str) -> None:
 # ---------------------------------------------------------------- numerics vs references
 
 
-def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-) -> torch.Tensor:
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Explicit causal softmax attention, KV heads repeated to the query head count."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -254,7 +274,9 @@ def test_llama_attention_matches_reference() -> None:
 
     q = reference_rotary(heads(attn.q_proj(x)), 10000.0)
     k = reference_rotary(heads(attn.k_proj(x)), 10000.0)
-    expected = attn.o_proj(reference_attention(q, k, heads(attn.v_proj(x))).transpose(1, 2).reshape(2, 10, 64))
+    expected = attn.o_proj(
+        reference_attention(q, k, heads(attn.v_proj(x))).transpose(1, 2).reshape(2, 10, 64)
+    )
     torch.testing.assert_close(attn(x, cos, sin), expected, atol=1e-5, rtol=1e-4)
 
 
@@ -300,8 +322,10 @@ def test_gpt_matches_transformers_gpt2() -> None:
             layer.ln_1.load_state_dict(block.attn_norm.state_dict())
             layer.ln_2.load_state_dict(block.mlp_norm.state_dict())
             pairs = (
-                (layer.attn.c_attn, block.attn.qkv_proj), (layer.attn.c_proj, block.attn.o_proj),
-                (layer.mlp.c_fc, block.mlp.up_proj), (layer.mlp.c_proj, block.mlp.down_proj),
+                (layer.attn.c_attn, block.attn.qkv_proj),
+                (layer.attn.c_proj, block.attn.o_proj),
+                (layer.mlp.c_fc, block.mlp.up_proj),
+                (layer.mlp.c_proj, block.mlp.down_proj),
             )
             for conv, linear in pairs:
                 conv.weight.copy_(linear.weight.T)
@@ -341,7 +365,9 @@ def test_bad_config_files(tmp_path: Path) -> None:
 
 
 def test_hf_config_file(tmp_path: Path) -> None:
-    transformers.GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=100).save_pretrained(tmp_path)
+    transformers.GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=100).save_pretrained(
+        tmp_path
+    )
     by_dir = from_spec(f"{tmp_path}/", batch=1, seq=8)
     assert (by_dir.config.layers, by_dir.config.vocab) == (3, 100)
     by_file = from_spec(f"{tmp_path / 'config.json'}:n_layer=1", batch=1, seq=8)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from itertools import groupby
 from typing import Any
@@ -27,15 +28,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "and, per layer, FLOPs, parameters and the activation bytes autograd saves."
         ),
     )
-    parser.add_argument("--model", required=True, help="model spec, e.g. gpt3-175b or gpt:layers=2,hidden=64,heads=4,vocab=512,seq=64")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="model spec, e.g. gpt3-175b or gpt:layers=2,hidden=64,heads=4,vocab=512,seq=64",
+    )
     parser.add_argument("--batch", type=int, required=True, help="sequences per step")
-    parser.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameter and activation dtype")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument(
+        "--seq", type=int, default=None, help="sequence length (default: the model's)"
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="fp32", help="parameter and activation dtype"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of tables"
+    )
     parser.set_defaults(run=run)
 
 
-def profile_report(spec: str, batch: int, seq: int | None = None, dtype: str = "fp32") -> dict[str, Any]:
+def profile_report(
+    spec: str, batch: int, seq: int | None = None, dtype: str = "fp32"
+) -> dict[str, Any]:
     """Capture the model named by ``spec`` and summarise it as a JSON-able dict."""
     from hierarchical_ap.models import from_spec
 
@@ -43,8 +56,17 @@ def profile_report(spec: str, batch: int, seq: int | None = None, dtype: str = "
     bundle = from_spec(spec, batch=batch, seq=seq, device="meta")
     bundle.model.to(DTYPES[dtype])
     build_time = time.perf_counter() - started
-    graph = capture(bundle.model, bundle.example_inputs, loss_fn=bundle.loss_fn, targets=bundle.targets)
-    return _report(graph, spec=spec, batch=batch, seq=int(bundle.example_inputs[0].shape[1]), dtype=dtype, build_time_s=build_time)
+    graph = capture(
+        bundle.model, bundle.example_inputs, loss_fn=bundle.loss_fn, targets=bundle.targets
+    )
+    return _report(
+        graph,
+        spec=spec,
+        batch=batch,
+        seq=int(bundle.example_inputs[0].shape[1]),
+        dtype=dtype,
+        build_time_s=build_time,
+    )
 
 
 def _report(graph: OpGraph, **header: Any) -> dict[str, Any]:
@@ -76,9 +98,17 @@ def _bytes(value: float) -> str:
     return f"{value:.0f} B"
 
 
+def wide_console() -> Console:
+    """A console for tables: the terminal's width, or 120 columns when output is piped."""
+    return Console(width=None if sys.stdout.isatty() else 120)
+
+
 def render(report: dict[str, Any], console: Console) -> None:
     """Print the summary and the per-layer table; runs of identical layers share one row."""
-    summary = Table(title=f"{report['spec']}  batch={report['batch']} seq={report['seq']} dtype={report['dtype']}", show_header=False)
+    summary = Table(
+        title=f"{report['spec']}  batch={report['batch']} seq={report['seq']} dtype={report['dtype']}",
+        show_header=False,
+    )
     summary.add_row("parameters", f"{report['params']:,} ({_human(report['params'])})")
     summary.add_row("parameter memory", _bytes(report["param_bytes"]))
     summary.add_row("forward FLOPs / step", _human(report["forward_flops"], "FLOP"))
@@ -89,8 +119,9 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.print(summary)
 
     table = Table(title="layers (identical consecutive layers share a row; figures are per layer)")
-    for column in ("layers", "count", "params", "fwd FLOPs", "bwd FLOPs", "saved activations", "hash"):
-        table.add_column(column, justify="left" if column in ("layers", "hash") else "right")
+    for column in ("layers", "count", "params", "fwd FLOP", "bwd FLOP", "saved act.", "hash"):
+        left = column in ("layers", "hash")
+        table.add_column(column, justify="left" if left else "right", no_wrap=True)
     for _, run in groupby(report["layers"], key=lambda layer: layer["hash"]):
         rows = list(run)
         first = rows[0]
@@ -112,5 +143,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        render(report, Console())
+        render(report, wide_console())
     return 0

@@ -53,7 +53,9 @@ def build_model_bundle(spec: str, batch: int, seq: int | None, device: torch.dev
     if spec.startswith("module:"):
         return factory_bundle(spec, batch, seq, device)
     if spec.startswith("hf:") or is_config_path(spec):
-        hf_config = hf_config_from_spec(spec) if spec.startswith("hf:") else hf_config_from_file(spec)
+        hf_config = (
+            hf_config_from_spec(spec) if spec.startswith("hf:") else hf_config_from_file(spec)
+        )
         length = hf_sequence_length(hf_config, seq)
         config = describe_hf_config(hf_config, length)
         model = build_hf_model(hf_config, device)

@@ -114,7 +114,9 @@ def hf_config_from_spec(spec: str) -> PretrainedConfig:
     _, _, rest = spec.partition(":")
     model_type, _, override_text = rest.partition(":")
     if not model_type:
-        raise ModelSpecError(f"'hf:' must name a transformers model type, for example {HF_EXAMPLE!r}")
+        raise ModelSpecError(
+            f"'hf:' must name a transformers model type, for example {HF_EXAMPLE!r}"
+        )
     return make_hf_config(model_type, {}, parse_assignments(override_text, HF_EXAMPLE), True)
 
 
@@ -181,7 +183,9 @@ def describe_hf_config(config: PretrainedConfig, seq: int) -> ModelConfig:
         vocab=vocab,
         seq=seq,
         tied_head=bool(getattr(config, "tie_word_embeddings", False)),
-        dropout=float(first_attr(config, ("resid_pdrop", "hidden_dropout", "attention_dropout"), 0.0)),
+        dropout=float(
+            first_attr(config, ("resid_pdrop", "hidden_dropout", "attention_dropout"), 0.0)
+        ),
         rope_theta=float(rope.get("rope_theta") or first_attr(config, ("rope_theta",), 10000.0)),
         norm_eps=float(first_attr(config, ("layer_norm_epsilon", "rms_norm_eps"), 1e-5)),
     )

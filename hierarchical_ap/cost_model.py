@@ -1,0 +1,199 @@
+"""Analytic cost model: roofline compute time and alpha-beta collective time per mesh axis.
+
+Compute (roofline): an op that does `F` FLOPs and moves `M` bytes through device memory takes
+
+    t = max(F / (peak(dtype) · matmul_efficiency),  M / (hbm_bandwidth · memory_efficiency)).
+
+Collectives among the `n` devices of a mesh-axis group use ring algorithms. On one link with
+per-step latency α and per-byte time β = 1 / (bandwidth · link_efficiency), for `B` bytes:
+
+    all-reduce      (B = the buffer)            2(n−1)·α + 2(n−1)/n · B·β
+    all-gather      (B = the gathered output)    (n−1)·α +  (n−1)/n · B·β
+    reduce-scatter  (B = the full input)         (n−1)·α +  (n−1)/n · B·β
+    all-to-all      (B = the local buffer)       (n−1)·α +  (n−1)/n · B·β
+    send/recv       (B = the message)                  α +            B·β
+
+and n = 1 costs nothing. The step counts and per-byte factors are `ring_steps` and
+`ring_traffic`. When the link carries per-collective (α, β) fitted by `hap cluster probe`, those
+are used as they are for that collective (on gloo a reduce-scatter is no cheaper than an
+all-reduce, which no analytic formula predicts), and `link_efficiency` does not apply.
+
+A group spanning k hosts with g devices on each (n = k·g) is costed like NCCL's hierarchical
+algorithms, the intra-host phases on the intra-host link and the inter-host phase on the
+inter-host link, where the g devices of a host each run the inter-host collective on 1/g of the
+data in parallel:
+
+    all-reduce      = RS_intra(g, B) + AR_inter(k, B/g) + AG_intra(g, B)
+    all-gather      = AG_inter(k, B/g) + AG_intra(g, B)
+    reduce-scatter  = RS_intra(g, B) + RS_inter(k, B/g)
+    all-to-all      = (g−1)·α_intra + (g−1)/n · B·β_intra + (n−g)·α_inter + (n−g)/n · B·β_inter
+    send/recv       = on the inter-host link
+
+(all-to-all: each device exchanges B/n bytes with its g−1 host peers over the intra-host link and
+its n−g remote peers over the inter-host link). A group that does not split evenly across hosts
+is costed as a flat ring over the inter-host link, the bottleneck of such a ring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hierarchical_ap.cluster import Cluster, Collective, DeviceSpec, Link, MeshAxis
+
+#: Default efficiencies for datasheet (GPU) figures; see `CostModel`.
+GPU_MATMUL_EFFICIENCY = 0.75
+GPU_MEMORY_EFFICIENCY = 0.8
+GPU_LINK_EFFICIENCY = 0.8
+
+
+def ring_steps(collective: Collective, n: int) -> int:
+    """Latency-bound steps of the ring algorithm on n devices (0 for n = 1)."""
+    if n <= 1:
+        return 0
+    if collective is Collective.ALL_REDUCE:
+        return 2 * (n - 1)
+    if collective is Collective.SEND_RECV:
+        return 1
+    return n - 1
+
+
+def ring_traffic(collective: Collective, n: int) -> float:
+    """Bytes each device sends per byte of the collective's size B (0 for n = 1):
+    2(n−1)/n for all-reduce, (n−1)/n for all-gather / reduce-scatter / all-to-all, 1 for
+    send/recv."""
+    if n <= 1:
+        return 0.0
+    if collective is Collective.ALL_REDUCE:
+        return 2 * (n - 1) / n
+    if collective is Collective.SEND_RECV:
+        return 1.0
+    return (n - 1) / n
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Roofline compute and alpha-beta communication times (see the module docstring).
+
+    - `matmul_efficiency`: fraction of the device's peak FLOP/s a large GEMM reaches;
+    - `memory_efficiency`: fraction of HBM bandwidth a streaming kernel reaches;
+    - `link_efficiency`: fraction of a link's bandwidth a large collective reaches (unused for
+      collectives with probed alpha/beta, which are already achieved figures).
+    """
+
+    matmul_efficiency: float = GPU_MATMUL_EFFICIENCY
+    memory_efficiency: float = GPU_MEMORY_EFFICIENCY
+    link_efficiency: float = GPU_LINK_EFFICIENCY
+
+    def __post_init__(self) -> None:
+        for field in ("matmul_efficiency", "memory_efficiency", "link_efficiency"):
+            value = getattr(self, field)
+            if not 0 < value <= 1:
+                raise ValueError(f"CostModel.{field} must be in (0, 1], got {value!r}")
+
+    @classmethod
+    def for_cluster(cls, cluster: Cluster) -> CostModel:
+        """Defaults suited to the cluster: GPU datasheet peaks get the GPU efficiencies; CPU
+        (gloo) figures are already achieved rates (per-core defaults or probed), so 1.0."""
+        if cluster.device.is_cpu:
+            return cls(matmul_efficiency=1.0, memory_efficiency=1.0, link_efficiency=1.0)
+        return cls()
+
+    # ----------------------------------------------------------------------------- compute
+
+    def op_time(
+        self, flops: float, bytes_accessed: float, device: DeviceSpec, dtype: torch.dtype
+    ) -> float:
+        """Roofline time (s): max(flops / (peak(dtype)·matmul_efficiency),
+        bytes_accessed / (hbm_bandwidth·memory_efficiency))."""
+        if flops < 0 or bytes_accessed < 0:
+            raise ValueError(f"flops and bytes must be >= 0, got {flops!r} and {bytes_accessed!r}")
+        compute = flops / (device.peak_flops(dtype) * self.matmul_efficiency)
+        memory = bytes_accessed / (device.hbm_bandwidth * self.memory_efficiency)
+        return max(compute, memory)
+
+    # ----------------------------------------------------------------------------- communication
+
+    def collective_time(
+        self, collective: Collective, nbytes: float, axes: MeshAxis | Sequence[MeshAxis]
+    ) -> float:
+        """Time (s) of `collective` on `nbytes` among the groups of one mesh axis, or of several
+        axes at once (a sequence, e.g. `mesh.axes` for the whole mesh)."""
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes!r}")
+        axis = axes if isinstance(axes, MeshAxis) else MeshAxis.combine(axes)
+        n = axis.size
+        if n == 1:
+            return 0.0
+        if not axis.spans_hosts:
+            return self.ring_time(collective, n, nbytes, axis.intra_link)
+        if collective is Collective.SEND_RECV or not axis.splits_evenly:
+            return self.ring_time(collective, n, nbytes, axis.inter_link)
+        return self._hierarchical_time(collective, nbytes, axis)
+
+    def all_reduce_time(self, nbytes: float, axes: MeshAxis | Sequence[MeshAxis]) -> float:
+        """All-reduce of an `nbytes` buffer: 2(n−1)·α + 2(n−1)/n · nbytes·β on one link."""
+        return self.collective_time(Collective.ALL_REDUCE, nbytes, axes)
+
+    def all_gather_time(self, nbytes: float, axes: MeshAxis | Sequence[MeshAxis]) -> float:
+        """All-gather whose gathered output is `nbytes`: (n−1)·α + (n−1)/n · nbytes·β."""
+        return self.collective_time(Collective.ALL_GATHER, nbytes, axes)
+
+    def reduce_scatter_time(self, nbytes: float, axes: MeshAxis | Sequence[MeshAxis]) -> float:
+        """Reduce-scatter of an `nbytes` input: (n−1)·α + (n−1)/n · nbytes·β."""
+        return self.collective_time(Collective.REDUCE_SCATTER, nbytes, axes)
+
+    def all_to_all_time(self, nbytes: float, axes: MeshAxis | Sequence[MeshAxis]) -> float:
+        """All-to-all of an `nbytes` local buffer: (n−1)·α + (n−1)/n · nbytes·β."""
+        return self.collective_time(Collective.ALL_TO_ALL, nbytes, axes)
+
+    def send_recv_time(self, nbytes: float, path: MeshAxis | Link) -> float:
+        """Point-to-point message of `nbytes`: α + nbytes·β, over a link or between neighbours
+        of a mesh axis (the inter-host link if the axis spans hosts)."""
+        if isinstance(path, Link):
+            return self.ring_time(Collective.SEND_RECV, 2, nbytes, path)
+        return self.collective_time(Collective.SEND_RECV, nbytes, path)
+
+    def ring_time(self, collective: Collective, n: int, nbytes: float, link: Link) -> float:
+        """Flat ring on one link: ring_steps·α + ring_traffic·nbytes·β, with the link's probed
+        (α, β) for this collective if present, else (latency, 1 / (bandwidth·link_efficiency))."""
+        alpha, beta = self._alpha_beta(collective, link)
+        return ring_steps(collective, n) * alpha + ring_traffic(collective, n) * nbytes * beta
+
+    def _alpha_beta(self, collective: Collective, link: Link) -> tuple[float, float]:
+        """(α, β) of `collective` on `link`: probed if present, else analytic."""
+        fit = link.fit(collective)
+        if fit is not None:
+            return fit.alpha, fit.beta
+        return link.latency, 1.0 / (link.bandwidth * self.link_efficiency)
+
+    def _hierarchical_time(self, collective: Collective, nbytes: float, axis: MeshAxis) -> float:
+        """NCCL-style two-level collective on k hosts × g devices (module docstring)."""
+        k, g, n = axis.hosts, axis.devices_per_host, axis.size
+        intra, inter = axis.intra_link, axis.inter_link
+        if collective is Collective.ALL_REDUCE:
+            return (
+                self.ring_time(Collective.REDUCE_SCATTER, g, nbytes, intra)
+                + self.ring_time(Collective.ALL_REDUCE, k, nbytes / g, inter)
+                + self.ring_time(Collective.ALL_GATHER, g, nbytes, intra)
+            )
+        if collective is Collective.ALL_GATHER:
+            return self.ring_time(Collective.ALL_GATHER, k, nbytes / g, inter) + self.ring_time(
+                Collective.ALL_GATHER, g, nbytes, intra
+            )
+        if collective is Collective.REDUCE_SCATTER:
+            return self.ring_time(Collective.REDUCE_SCATTER, g, nbytes, intra) + self.ring_time(
+                Collective.REDUCE_SCATTER, k, nbytes / g, inter
+            )
+        # all-to-all: g−1 peers on the host, n−g on other hosts, each getting nbytes / n.
+        per_peer = nbytes / n
+        return self._exchange_time(g - 1, per_peer, intra) + self._exchange_time(
+            n - g, per_peer, inter
+        )
+
+    def _exchange_time(self, peers: int, per_peer: float, link: Link) -> float:
+        """`peers` pairwise exchanges of `per_peer` bytes on one link: peers·(α + per_peer·β)."""
+        alpha, beta = self._alpha_beta(Collective.ALL_TO_ALL, link)
+        return peers * (alpha + per_peer * beta)

@@ -1,0 +1,339 @@
+"""Measure a cluster's collectives on real workers and fit alpha-beta per collective.
+
+`probe` starts one Ray actor per worker on this host; the actors form a torch.distributed process
+group (gloo on CPU, NCCL on GPU) through a TCP store on 127.0.0.1 and time all-reduce,
+all-gather, reduce-scatter, all-to-all and send/recv over a range of sizes. Each timing is the
+median over `reps` repetitions of the slowest rank, every repetition starting after a barrier.
+
+For each collective c on n workers the fit is
+
+    time = a + b · x,   x = ring_traffic(c, n) · bytes   (bytes each worker puts on the link),
+
+by least squares on relative error (Σ ((a + b·x − t) / t)², so that 4 KiB and 16 MiB weigh
+alike), clipped to positive values. The link then carries α = a / ring_steps(c, n) (seconds per
+step) and β = b (seconds per byte), which `CostModel` reads back as
+`ring_steps·α + ring_traffic·bytes·β`, i.e. exactly the fitted line at n workers.
+
+For CPU workers a 1024³ fp32 GEMM runs on all workers at once (as in training, where they share
+the host's cores); the median per-worker FLOP/s becomes the device's peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from hierarchical_ap.cluster import CPU_DEVICE_NAME, AlphaBeta, Cluster, Collective
+from hierarchical_ap.cost_model import ring_steps, ring_traffic
+from hierarchical_ap.errors import ClusterSpecError
+
+logger = logging.getLogger(__name__)
+
+KIB = 1024
+MIB = 1024 * KIB
+#: 4 KiB … 16 MiB in steps of 4×.
+DEFAULT_SIZES = tuple(4 * KIB * 4**i for i in range(7))
+DEFAULT_REPS = 5
+#: Limit on joining the process group, on each collective, and on each Ray call.
+DEFAULT_TIMEOUT_S = 120.0
+#: Square fp32 GEMM timed to estimate a CPU worker's achieved FLOP/s.
+GEMM_SIZE = 1024
+#: Floors of the fitted alpha (s) and beta (s/byte) so both stay positive.
+MIN_ALPHA = 1e-9
+MIN_BETA = 1e-15
+
+_ELEMENT = torch.float32
+_ELEMENT_BYTES = 4
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One measurement: the median time (s) of `collective` on `nbytes` (its B, see cost_model)."""
+
+    collective: Collective
+    nbytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The probed cluster (fits on its intra-host link), the raw samples, and the CPU GEMM rate."""
+
+    cluster: Cluster
+    samples: tuple[Sample, ...]
+    gemm_flops: float | None
+
+    @property
+    def fits(self) -> dict[Collective, AlphaBeta]:
+        return dict(self.cluster.intra_host_link.fitted)
+
+
+def fit_alpha_beta(
+    collective: Collective, n: int, nbytes: Sequence[float], seconds: Sequence[float]
+) -> AlphaBeta:
+    """Fit `seconds ≈ a + b · ring_traffic(collective, n) · nbytes` (relative least squares,
+    clipped to a ≥ MIN_ALPHA, b ≥ MIN_BETA) and return α = a / ring_steps, β = b."""
+    if n < 2:
+        raise ValueError(f"a collective needs at least 2 workers, got {n}")
+    x = ring_traffic(collective, n) * np.asarray(nbytes, dtype=float)
+    t = np.asarray(seconds, dtype=float)
+    if len(t) < 2 or len(np.unique(x)) < 2:
+        raise ValueError("fitting alpha and beta needs timings at two or more sizes")
+    w = 1.0 / t
+    (a, b), *_ = np.linalg.lstsq(np.column_stack([w, w * x]), w * t, rcond=None)
+    if b < MIN_BETA:
+        b = MIN_BETA
+        a = float(np.sum(w * w * (t - b * x)) / np.sum(w * w))
+    if a < MIN_ALPHA:
+        a = MIN_ALPHA
+        b = max(float(np.sum(w * w * x * (t - a)) / np.sum(w * w * x * x)), MIN_BETA)
+    return AlphaBeta(alpha=float(a) / ring_steps(collective, n), beta=float(b))
+
+
+def probe(
+    num_workers: int,
+    *,
+    device: str = CPU_DEVICE_NAME,
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    reps: int = DEFAULT_REPS,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    on_progress: Callable[[str], None] | None = None,
+) -> ProbeResult:
+    """Probe `num_workers` workers of this host ("CPU" workers on gloo, or GPUs of the preset
+    `device` on NCCL, one per worker) and return a 1-host cluster whose intra-host link carries
+    the fitted alpha/beta per collective and whose bandwidth and latency are the send/recv fit.
+    For CPU workers the device's peak FLOP/s become the measured GEMM rate.
+
+    Uses the running Ray instance, or starts a local one and shuts it down afterwards; every
+    actor is killed on the way out, and no step (joining, a collective, a Ray call) waits longer
+    than `timeout_s`.
+    """
+    if num_workers < 2:
+        raise ClusterSpecError(
+            f"probing collectives needs at least 2 workers, got {num_workers}; e.g. --workers 2"
+        )
+    if reps < 1 or not sizes or min(sizes) < _ELEMENT_BYTES or len(set(sizes)) < 2:
+        raise ClusterSpecError(
+            f"probe needs reps >= 1 and at least two distinct sizes >= 4 bytes, got reps={reps}, "
+            f"sizes={list(sizes)}; e.g. sizes 4KiB 1MiB 16MiB"
+        )
+    base = Cluster.from_spec(f"1x{num_workers}x{device}")
+    report = on_progress or (lambda message: None)
+
+    import ray
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(
+            num_cpus=max(num_workers, os.cpu_count() or 1),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+    workers: list = []
+    try:
+        report(f"starting {num_workers} {base.backend} workers")
+        workers = _start_workers(base, timeout_s)
+        samples = []
+        for collective in Collective:
+            for size in sizes:
+                report(f"{collective.value} {_human(size)}")
+                samples.append(_measure(workers, collective, size, reps, timeout_s))
+        gemm_flops = None
+        if base.device.is_cpu:
+            report(f"GEMM {GEMM_SIZE}x{GEMM_SIZE}")
+            rates = ray.get(
+                [w.gemm_flops.remote(GEMM_SIZE, reps) for w in workers], timeout=timeout_s
+            )
+            gemm_flops = statistics.median(rates)
+    except ray.exceptions.GetTimeoutError as exc:
+        raise ClusterSpecError(
+            f"probing {num_workers} workers did not finish within {timeout_s:g} s; check that Ray "
+            f"can place {num_workers} workers (`ray status`) or raise the timeout"
+        ) from exc
+    finally:
+        for worker in workers:
+            ray.kill(worker, no_restart=True)
+        if started_ray:
+            ray.shutdown()
+    return ProbeResult(_probed_cluster(base, samples, gemm_flops), tuple(samples), gemm_flops)
+
+
+def _probed_cluster(base: Cluster, samples: Sequence[Sample], gemm_flops: float | None) -> Cluster:
+    n = base.devices_per_host
+    fits = {}
+    for collective in Collective:
+        mine = [s for s in samples if s.collective is collective]
+        fits[collective] = fit_alpha_beta(
+            collective, n, [s.nbytes for s in mine], [s.seconds for s in mine]
+        )
+        logger.info(
+            "%s: alpha %.3g s, beta %.3g s/B",
+            collective.value,
+            fits[collective].alpha,
+            fits[collective].beta,
+        )
+    p2p = fits[Collective.SEND_RECV]
+    link = dataclasses.replace(
+        base.intra_host_link, bandwidth=1.0 / p2p.beta, latency=p2p.alpha, fitted=fits
+    )
+    device = base.device
+    if gemm_flops is not None:
+        device = dataclasses.replace(
+            device,
+            peak_flops_fp32=gemm_flops,
+            peak_flops_bf16=gemm_flops,
+            peak_flops_fp16=gemm_flops,
+        )
+    return dataclasses.replace(base, device=device, intra_host_link=link)
+
+
+def _start_workers(cluster: Cluster, timeout_s: float) -> list:
+    """One actor per worker, all joined into one process group; killed again if joining fails."""
+    import ray
+
+    n = cluster.devices_per_host
+    gpu = cluster.backend == "nccl"
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    actor = ray.remote(_Worker).options(num_cpus=min(1.0, cpus / n), num_gpus=1 if gpu else 0)
+    port = _free_port()
+    threads = max(1, (os.cpu_count() or 1) // n)
+    workers = [
+        actor.remote(rank, n, port, cluster.backend, timeout_s, threads) for rank in range(n)
+    ]
+    try:
+        ray.get([w.join.remote() for w in workers], timeout=timeout_s)
+    except BaseException:
+        for worker in workers:
+            ray.kill(worker, no_restart=True)
+        raise
+    return workers
+
+
+def _measure(
+    workers: list, collective: Collective, size: int, reps: int, timeout_s: float
+) -> Sample:
+    """Median over reps of the slowest rank's time."""
+    import ray
+
+    per_rank = ray.get(
+        [w.time_collective.remote(collective.value, size, reps) for w in workers], timeout=timeout_s
+    )
+    slowest = [max(times) for times in zip(*per_rank, strict=True)]
+    numel = _numel(size, len(workers))
+    return Sample(collective, numel * _ELEMENT_BYTES, statistics.median(slowest))
+
+
+def _numel(nbytes: int, world_size: int) -> int:
+    """fp32 elements for about `nbytes`, rounded up to a multiple of the world size."""
+    numel = -(-nbytes // _ELEMENT_BYTES)
+    return -(-numel // world_size) * world_size
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _human(nbytes: int) -> str:
+    for unit, scale in (("MiB", MIB), ("KiB", KIB)):
+        if nbytes >= scale and nbytes % scale == 0:
+            return f"{nbytes // scale} {unit}"
+    return f"{nbytes} B"
+
+
+class _Worker:
+    """A Ray actor holding one rank of the probe's process group."""
+
+    def __init__(
+        self, rank: int, world_size: int, port: int, backend: str, timeout_s: float, threads: int
+    ):
+        torch.set_num_threads(threads)
+        self.rank = rank
+        self.world_size = world_size
+        self.port = port
+        self.backend = backend
+        self.timeout_s = timeout_s
+        # Ray gives each GPU actor one visible GPU, which is then cuda:0.
+        self.device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def join(self) -> None:
+        dist.init_process_group(
+            self.backend,
+            init_method=f"tcp://127.0.0.1:{self.port}",
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=timedelta(seconds=self.timeout_s),
+        )
+        dist.barrier()  # the first collective opens the connections; keep that out of timings
+
+    def time_collective(self, name: str, nbytes: int, reps: int) -> list[float]:
+        """Seconds of each of `reps` runs (after one warm-up), each starting after a barrier."""
+        run = self._collective(Collective(name), _numel(nbytes, self.world_size))
+        run()
+        times = []
+        for _ in range(reps):
+            dist.barrier()
+            self._sync()
+            start = time.perf_counter()
+            run()
+            self._sync()
+            times.append(time.perf_counter() - start)
+        return times
+
+    def gemm_flops(self, size: int, reps: int) -> float:
+        """Achieved FLOP/s of a size³ fp32 GEMM (2·size³ FLOPs), median over reps."""
+        a = torch.randn(size, size, device=self.device)
+        b = torch.randn(size, size, device=self.device)
+        a @ b
+        times = []
+        for _ in range(reps):
+            self._sync()
+            start = time.perf_counter()
+            a @ b
+            self._sync()
+            times.append(time.perf_counter() - start)
+        return 2 * size**3 / statistics.median(times)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _collective(self, collective: Collective, numel: int) -> Callable[[], None]:
+        """A closure running `collective` with B = numel elements (see cost_model for B)."""
+        n = self.world_size
+
+        def buffer(elements: int) -> torch.Tensor:
+            return torch.ones(elements, dtype=_ELEMENT, device=self.device)
+
+        full, shard = buffer(numel), buffer(numel // n)
+        if collective is Collective.ALL_REDUCE:
+            return lambda: dist.all_reduce(full)
+        if collective is Collective.ALL_GATHER:
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            return lambda: gather(full, shard)
+        if collective is Collective.REDUCE_SCATTER:
+            scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+            return lambda: scatter(shard, full)
+        if collective is Collective.ALL_TO_ALL:
+            out = buffer(numel)
+            return lambda: dist.all_to_all_single(out, full)
+        # send/recv: even ranks send to the next odd rank; an odd world's last rank idles.
+        if self.rank % 2 == 0 and self.rank + 1 < n:
+            return lambda: dist.send(full, self.rank + 1)
+        if self.rank % 2 == 1:
+            return lambda: dist.recv(full, self.rank - 1)
+        return lambda: None

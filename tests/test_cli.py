@@ -1,0 +1,59 @@
+"""`hap profile` end to end through the console entry point."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hierarchical_ap.cli import main
+
+
+def test_profile_json_has_the_documented_keys(capsys):
+    assert main(["profile", "--model", "gpt-tiny", "--batch", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in ("params", "train_flops", "forward_flops", "layers", "capture_time_s"):
+        assert key in report
+    assert report["train_flops"] == report["forward_flops"] + report["backward_flops"]
+    assert report["params"] > 0
+    assert [layer["name"] for layer in report["layers"]][-1] == "head"
+    assert all({"name", "params", "forward_flops", "saved_activation_bytes"} <= set(layer) for layer in report["layers"])
+
+
+def test_profile_bf16_halves_activation_bytes(capsys):
+    main(["profile", "--model", "llama-tiny", "--batch", "2", "--json"])
+    fp32 = json.loads(capsys.readouterr().out)
+    main(["profile", "--model", "llama-tiny", "--batch", "2", "--dtype", "bf16", "--json"])
+    bf16 = json.loads(capsys.readouterr().out)
+    assert bf16["train_flops"] == fp32["train_flops"]
+    assert bf16["param_bytes"] * 2 == fp32["param_bytes"]
+    # the loss upcasts the logits to fp32, so the saving is less than half on a tiny model
+    assert bf16["saved_activation_bytes"] < 0.75 * fp32["saved_activation_bytes"]
+
+
+def test_profile_table_output():
+    result = subprocess.run(
+        [sys.executable, "-m", "hierarchical_ap.cli", "profile", "--model", "gpt-tiny", "--batch", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "training FLOPs / step" in result.stdout
+    assert "blocks.0 … blocks.1" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["profile", "--model", "gpt-nope", "--batch", "1"], "unknown"),
+        (["profile", "--model", "gpt:layers=2,hidden=65,heads=4,vocab=10,seq=8", "--batch", "1"], "hidden"),
+    ],
+)
+def test_profile_bad_model_spec_is_a_clear_error(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hap: error:")
+    assert message in err

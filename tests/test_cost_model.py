@@ -1,0 +1,193 @@
+"""Roofline compute and alpha-beta collectives against hand-derived numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from hierarchical_ap.cluster import AlphaBeta, Cluster, Collective, Link, MeshAxis
+from hierarchical_ap.cost_model import CostModel, ring_steps, ring_traffic
+
+GIB = 2**30
+MIB = 2**20
+EFF = 0.8  # default link efficiency
+NVLINK_A100 = (5e-6, 300e9 * EFF)  # (alpha, effective bandwidth)
+IB_A100 = (10e-6, 25e9 * EFF)
+
+model = CostModel()
+a100x2 = Cluster.from_spec("2x8xA100-80GB")
+
+
+def approx(value: float):
+    return pytest.approx(value, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------- compute
+
+
+def test_large_bf16_gemm_is_compute_bound():
+    n = 8192
+    flops, nbytes = 2 * n**3, 3 * n * n * 2
+    device = a100x2.device
+    assert model.op_time(flops, nbytes, device, torch.bfloat16) == approx(flops / (312e12 * 0.75))
+    assert model.op_time(flops, nbytes, device, torch.float32) == approx(flops / (19.5e12 * 0.75))
+
+
+def test_elementwise_op_is_memory_bound():
+    numel = 2**28
+    flops, nbytes = numel, 3 * numel * 2  # a + b -> c in bf16
+    assert model.op_time(flops, nbytes, a100x2.device, torch.bfloat16) == approx(
+        nbytes / (2.039e12 * 0.8)
+    )
+    assert model.op_time(0, 0, a100x2.device, torch.int64) == 0.0
+
+
+def test_cost_model_parameters_are_checked():
+    with pytest.raises(ValueError, match="matmul_efficiency must be in"):
+        CostModel(matmul_efficiency=1.5)
+    with pytest.raises(ValueError, match="flops and bytes must be >= 0"):
+        model.op_time(-1, 0, a100x2.device, torch.float32)
+    assert CostModel.for_cluster(a100x2) == CostModel(0.75, 0.8, 0.8)
+    assert CostModel.for_cluster(Cluster.local_cpu(2)) == CostModel(1.0, 1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------- one host
+
+
+def test_ring_steps_and_traffic():
+    assert [ring_steps(c, 8) for c in Collective] == [14, 7, 7, 7, 1]
+    assert [ring_traffic(c, 8) for c in Collective] == [14 / 8, 7 / 8, 7 / 8, 7 / 8, 1.0]
+    assert ring_steps(Collective.ALL_REDUCE, 1) == 0 and ring_traffic(Collective.SEND_RECV, 1) == 0
+
+
+def test_1gib_all_reduce_over_8_nvlink_a100():
+    axis = a100x2.logical_mesh((1, 8)).axes[1]
+    alpha, bw = NVLINK_A100
+    assert model.all_reduce_time(GIB, axis) == approx(2 * 7 * alpha + 2 * 7 / 8 * GIB / bw)
+    assert model.all_reduce_time(GIB, axis) == approx(
+        2 * 7 * 5e-6 + 2 * 7 / 8 * 2**30 / (300e9 * 0.8)
+    )
+
+
+@pytest.mark.parametrize("method", ["all_gather_time", "reduce_scatter_time", "all_to_all_time"])
+def test_one_pass_collectives_over_4_nvlink_a100(method):
+    axis = a100x2.logical_mesh((2, 4)).axes[1]
+    alpha, bw = NVLINK_A100
+    assert getattr(model, method)(64 * MIB, axis) == approx(3 * alpha + 3 / 4 * 64 * MIB / bw)
+
+
+def test_send_recv():
+    alpha, bw = NVLINK_A100
+    assert model.send_recv_time(MIB, a100x2.logical_mesh((1, 8)).axes[1]) == approx(
+        alpha + MIB / bw
+    )
+    assert model.send_recv_time(MIB, a100x2.inter_host_link) == approx(
+        IB_A100[0] + MIB / IB_A100[1]
+    )
+    # neighbours of an axis that spans hosts talk over the inter-host link
+    assert model.send_recv_time(MIB, a100x2.logical_mesh((2, 8)).axes[0]) == approx(
+        IB_A100[0] + MIB / IB_A100[1]
+    )
+
+
+def test_a_group_of_one_costs_nothing():
+    axis = a100x2.logical_mesh((1, 8)).axes[0]
+    assert axis.size == 1
+    for collective in Collective:
+        assert model.collective_time(collective, GIB, axis) == 0.0
+
+
+# ----------------------------------------------------------------------------------- across hosts
+
+
+def test_one_device_per_host_is_a_ring_over_the_network():
+    axis = a100x2.logical_mesh((2, 8)).axes[0]  # k = 2 hosts, g = 1
+    alpha, bw = IB_A100
+    assert model.all_reduce_time(GIB, axis) == approx(2 * 1 * alpha + 2 * 1 / 2 * GIB / bw)
+    assert model.all_gather_time(GIB, axis) == approx(alpha + 1 / 2 * GIB / bw)
+
+
+def test_hierarchical_collectives_two_hosts_two_devices_each():
+    axis = a100x2.logical_mesh((4, 4)).axes[0]  # k = 2, g = 2, n = 4
+    (ai, bi), (ae, be) = NVLINK_A100, IB_A100
+    b = float(GIB)
+    rs_intra = 1 * ai + 1 / 2 * b / bi
+    ag_intra = 1 * ai + 1 / 2 * b / bi
+    ar_inter = 2 * 1 * ae + 2 * 1 / 2 * (b / 2) / be
+    assert model.all_reduce_time(b, axis) == approx(rs_intra + ar_inter + ag_intra)
+    ag_inter = 1 * ae + 1 / 2 * (b / 2) / be
+    assert model.all_gather_time(b, axis) == approx(ag_inter + ag_intra)
+    rs_inter = 1 * ae + 1 / 2 * (b / 2) / be
+    assert model.reduce_scatter_time(b, axis) == approx(rs_intra + rs_inter)
+    # all-to-all: 1 peer on the host, 2 on the other host, b / 4 bytes each
+    assert model.all_to_all_time(b, axis) == approx(1 * (ai + b / 4 / bi) + 2 * (ae + b / 4 / be))
+
+
+def test_whole_mesh_collective_over_both_axes():
+    mesh = a100x2.logical_mesh((2, 8))  # both axes together: k = 2, g = 8
+    (ai, bi), (ae, be) = NVLINK_A100, IB_A100
+    b = float(GIB)
+    expected = (7 * ai + 7 / 8 * b / bi) + (2 * ae + 1.0 * (b / 8) / be) + (7 * ai + 7 / 8 * b / bi)
+    assert model.all_reduce_time(b, mesh.axes) == approx(expected)
+    assert model.all_reduce_time(b, list(a100x2.logical_mesh((4, 4)).axes)) == approx(expected)
+
+
+def test_v100_testbed_network_is_the_bottleneck():
+    cluster = Cluster.from_spec("2x8xV100-16GB")
+    axis = cluster.logical_mesh((2, 8)).axes[0]
+    assert model.all_reduce_time(GIB, axis) == approx(2 * 25e-6 + 1.0 * GIB / (3.125e9 / 8 * EFF))
+
+
+def test_groups_that_split_unevenly_use_a_flat_ring_on_the_network():
+    # rows of 6 devices: some cross from one host to the next
+    axis = Cluster.from_spec("3x8xA100-80GB").logical_mesh((4, 6)).axes[1]
+    alpha, bw = IB_A100
+    assert model.all_reduce_time(GIB, axis) == approx(2 * 5 * alpha + 2 * 5 / 6 * GIB / bw)
+
+
+# ----------------------------------------------------------------------------------- probed links
+
+
+def probed(link: Link) -> Link:
+    """Gloo-like fits: reduce-scatter no cheaper than all-reduce."""
+    fits = {
+        Collective.ALL_REDUCE: AlphaBeta(3e-4, 8e-10),
+        Collective.REDUCE_SCATTER: AlphaBeta(5e-4, 2.6e-9),
+        Collective.ALL_TO_ALL: AlphaBeta(2e-4, 1e-9),
+    }
+    return dataclasses.replace(link, fitted=fits)
+
+
+def test_fitted_alpha_beta_are_used_as_they_are():
+    cpu = Cluster.local_cpu(2)
+    cpu = dataclasses.replace(cpu, intra_host_link=probed(cpu.intra_host_link))
+    axis = cpu.logical_mesh((1, 2)).axes[1]
+    b = 16 * MIB
+    all_reduce = 2 * 1 * 3e-4 + 2 * 1 / 2 * b * 8e-10
+    reduce_scatter = 1 * 5e-4 + 1 / 2 * b * 2.6e-9
+    for m in (CostModel(), CostModel(link_efficiency=0.5)):  # efficiency does not touch fits
+        assert m.all_reduce_time(b, axis) == approx(all_reduce)
+        assert m.reduce_scatter_time(b, axis) == approx(reduce_scatter)
+    assert model.reduce_scatter_time(b, axis) >= model.all_reduce_time(b, axis)
+    # collectives without a fit stay analytic
+    link = cpu.intra_host_link
+    assert model.all_gather_time(b, axis) == approx(
+        link.latency + 1 / 2 * b / (link.bandwidth * EFF)
+    )
+
+
+def test_fits_apply_per_phase_of_a_hierarchical_collective():
+    cluster = dataclasses.replace(a100x2, inter_host_link=probed(a100x2.inter_host_link))
+    axis = cluster.logical_mesh((4, 4)).axes[0]  # k = 2, g = 2
+    ai, bi = NVLINK_A100
+    b = float(GIB)
+    expected = (ai + b / 2 / bi) + (2 * 3e-4 + 1.0 * (b / 2) * 8e-10) + (ai + b / 2 / bi)
+    assert model.all_reduce_time(b, axis) == approx(expected)
+
+
+def test_combining_axes_of_different_clusters_is_an_error():
+    axes = [a100x2.logical_mesh((1, 8)).axes[1], Cluster.local_cpu(2).logical_mesh((1, 2)).axes[1]]
+    with pytest.raises(ValueError, match="different clusters"):
+        MeshAxis.combine(axes)
