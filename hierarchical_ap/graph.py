@@ -94,6 +94,7 @@ class OpGraph:
     capture_time_s: float
     has_loss: bool
     _consumers: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    _fx_nodes: dict[str, fx.Node] | None = field(default=None, repr=False)
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -138,6 +139,21 @@ class OpGraph:
             value = node.alias_of
             node = self.nodes.get(value)
         return value
+
+    def fx_node(self, name: str) -> fx.Node:
+        """The fx node called ``name`` in ``graph_module`` (its ``args`` hold dims, flags…)."""
+        if self._fx_nodes is None:
+            self._fx_nodes = {n.name: n for n in self.graph_module.graph.nodes}
+        return self._fx_nodes[name]
+
+    def value_meta(self, value: str) -> TensorMeta:
+        """Shape, stride and dtype of a graph value: a node's (first) output, an input or a
+        parameter placeholder."""
+        if value in self.nodes:
+            return self.nodes[value].outputs[0]
+        if value in self.input_values:
+            return self.input_values[value]
+        return self.param_shapes[self.value_to_param[value]]
 
     def value_bytes(self, value: str) -> int:
         if value in self.nodes:

@@ -1,0 +1,41 @@
+"""The result of the intra-op pass: a placement for every parameter, input and node of a graph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from intra_op.placement import Placements, format_placements
+
+
+@dataclass
+class ShardingSolution:
+    """Where every value of a captured graph lives on a logical mesh.
+
+    * ``param_placements``: parameter FQN → storage placement (one entry per mesh axis); a
+      parameter ``Shard``-ed along a data-parallel axis is ZeRO-3 style (gathered for use).
+    * ``input_placements``: graph input value name (``OpGraph.model_inputs`` and
+      ``target_inputs``) → placement the input is fed in.
+    * ``node_inputs``: node name → the placement each of its tensor inputs (``OpNode.inputs``
+      order) is redistributed to before the op runs.
+    * ``node_outputs``: node name → placement of its output(s) after the op.
+    * ``node_strategy_names``: node name → the chosen strategy's name (display only).
+    """
+
+    mesh_shape: tuple[int, int]
+    param_placements: dict[str, Placements]
+    input_placements: dict[str, Placements]
+    node_inputs: dict[str, tuple[Placements, ...]]
+    node_outputs: dict[str, Placements]
+    node_strategy_names: dict[str, str] = field(default_factory=dict)
+    cost_s: float = 0.0
+    """Objective value: forward + backward compute, communication and resharding time (s)."""
+    memory_bytes_per_device: float = 0.0
+    """Parameters, gradients, optimizer states and saved activations on one device (bytes)."""
+    num_variables: int = 0
+    num_constraints: int = 0
+    solve_time_s: float = 0.0
+    solver: str = ""
+
+    def describe_params(self) -> dict[str, str]:
+        """Parameter FQN → compact placement string (``S0R``…)."""
+        return {fqn: format_placements(p) for fqn, p in self.param_placements.items()}

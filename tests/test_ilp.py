@@ -1,0 +1,79 @@
+"""The sharding ILP against brute-force enumeration of every assignment."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from intra_op.ilp import InfeasibleError, ShardingProblem, minimum_memory, solve
+
+
+def random_problem(
+    rng: np.random.Generator, groups: int, budget_fraction: float | None
+) -> ShardingProblem:
+    sizes = rng.integers(1, 5, size=groups)
+    costs = [rng.uniform(0, 10, size=k) for k in sizes]
+    memory = [rng.uniform(1, 5, size=k) for k in sizes]
+    edges = []
+    for w in range(1, groups):
+        for u in rng.choice(w, size=min(w, int(rng.integers(1, 3))), replace=False):
+            edges.append((int(u), w, rng.uniform(0, 10, size=(sizes[u], sizes[w]))))
+    budget = None
+    if budget_fraction is not None:
+        lo = sum(m.min() for m in memory)
+        hi = sum(m.max() for m in memory)
+        budget = lo + budget_fraction * (hi - lo)
+    return ShardingProblem(costs, memory, edges, budget)
+
+
+def brute_force(problem: ShardingProblem) -> float:
+    best = np.inf
+    for choice in itertools.product(*(range(len(c)) for c in problem.costs)):
+        if problem.memory_budget is not None and problem.memory_of(choice) > problem.memory_budget:
+            continue
+        best = min(best, problem.objective(choice))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("budget_fraction", [None, 0.3])
+def test_ilp_optimum_equals_brute_force(seed, budget_fraction):
+    problem = random_problem(np.random.default_rng(seed), groups=6, budget_fraction=budget_fraction)
+    result = solve(problem)
+    assert result.objective == pytest.approx(brute_force(problem), rel=1e-7, abs=1e-9)
+    if problem.memory_budget is not None:
+        assert problem.memory_of(result.choice) <= problem.memory_budget + 1e-9
+
+
+def test_cbc_fallback_agrees_with_highs():
+    problem = random_problem(np.random.default_rng(99), groups=7, budget_fraction=0.5)
+    assert solve(problem, solver="cbc").objective == pytest.approx(solve(problem).objective)
+
+
+def test_separable_and_constant_edges_need_no_edge_variables():
+    costs = [np.array([1.0, 2.0]), np.array([0.0, 0.5, 1.0]), np.array([3.0])]
+    separable = np.add.outer(np.array([0.0, 4.0]), np.array([1.0, 0.0, 2.0]))
+    edges = [(0, 1, separable), (1, 2, np.array([[1.0], [0.0], [5.0]]))]
+    problem = ShardingProblem(costs, [np.zeros(2), np.zeros(3), np.zeros(1)], edges)
+    result = solve(problem)
+    assert result.num_variables == 5  # only the one-hot s variables of the two free groups
+    assert result.objective == pytest.approx(brute_force(problem))
+
+
+def test_parallel_edges_are_summed():
+    costs = [np.zeros(2), np.zeros(2)]
+    a = np.array([[0.0, 5.0], [5.0, 9.0]])
+    b = np.array([[9.0, 5.0], [5.0, 0.0]])
+    problem = ShardingProblem(costs, [np.zeros(2)] * 2, [(0, 1, a), (1, 0, b.T)])
+    assert solve(problem).objective == pytest.approx(brute_force(problem)) == pytest.approx(9.0)
+
+
+def test_infeasible_budget_names_the_smallest_memory():
+    problem = random_problem(np.random.default_rng(3), groups=4, budget_fraction=None)
+    tight = ShardingProblem(
+        problem.costs, problem.memory, problem.edges, minimum_memory(problem) * 0.9
+    )
+    with pytest.raises(InfeasibleError, match="smallest any strategy needs is"):
+        solve(tight)
