@@ -46,6 +46,8 @@ import pulp
 logger = logging.getLogger(__name__)
 
 SEPARABLE_TOLERANCE = 1e-12
+MIP_RELATIVE_GAP = 1e-9
+"""Optimality gap at which the solver stops: tight, so that nanosecond tie-breaks count."""
 
 
 class InfeasibleError(Exception):
@@ -160,13 +162,15 @@ def _smallest_memory_message(problem: ShardingProblem) -> str:
 def _run_solver(model: pulp.LpProblem, time_limit_s: float, solver: str) -> str:
     if solver == "highs":
         try:
-            model.solve(pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1))
+            model.solve(
+                pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1, gapRel=MIP_RELATIVE_GAP)
+            )
             return "highs"
         except pulp.PulpSolverError as exc:
             logger.warning("HiGHS failed (%s); falling back to CBC", exc)
     with warnings.catch_warnings():  # PuLP 3.3 flags its bundled CBC for removal in PuLP 4
         warnings.simplefilter("ignore", DeprecationWarning)
-        cbc = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s)
+        cbc = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=MIP_RELATIVE_GAP)
     model.solve(cbc)
     return "cbc"
 

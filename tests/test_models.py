@@ -310,6 +310,12 @@ def test_llama_matches_transformers_llama() -> None:
     torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+def head_major_to_qkv_major(t: torch.Tensor, heads: int = 4) -> torch.Tensor:
+    """Reorder fused QKV rows from Megatron's [head, qkv, d] to GPT-2's [qkv, head, d]."""
+    rows = t.shape[0]
+    return t.reshape(heads, 3, rows // (3 * heads), *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
 def test_gpt_matches_transformers_gpt2() -> None:
     ours = from_spec("gpt-tiny", device="cpu").model
     theirs = from_spec(HF_GPT2_TINY + ",activation_function=gelu", device="cpu").model
@@ -328,8 +334,11 @@ def test_gpt_matches_transformers_gpt2() -> None:
                 (layer.mlp.c_proj, block.mlp.down_proj),
             )
             for conv, linear in pairs:
-                conv.weight.copy_(linear.weight.T)
-                conv.bias.copy_(linear.bias)
+                weight, bias = linear.weight, linear.bias
+                if linear is block.attn.qkv_proj:
+                    weight, bias = head_major_to_qkv_major(weight), head_major_to_qkv_major(bias)
+                conv.weight.copy_(weight.T)
+                conv.bias.copy_(bias)
     ids = torch.randint(512, (2, 20))
     torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=1e-4)
 

@@ -11,7 +11,12 @@ from hierarchical_ap.models.weights import init_transformer_weights
 
 
 class GPTAttention(nn.Module):
-    """Causal multi-head self-attention with one fused QKV projection."""
+    """Causal multi-head self-attention with one fused QKV projection.
+
+    The fused projection's output features are ordered as Megatron-LM orders them, head-major:
+    ``[head, (q | k | v), head_dim]``, so that splitting them by heads (tensor parallelism)
+    gives every device whole heads with their q, k and v.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -23,8 +28,9 @@ class GPTAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attend over the causal prefix; x is (batch, seq, hidden)."""
         batch, seq, hidden = x.shape
-        qkv = self.qkv_proj(x).view(batch, seq, 3, self.heads, hidden // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        head_dim = hidden // self.heads
+        qkv = self.qkv_proj(x).view(batch, seq, self.heads, 3 * head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.split(head_dim, dim=-1))
         dropout_p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, hidden))

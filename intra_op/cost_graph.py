@@ -1,0 +1,247 @@
+"""From a captured graph to a ``ShardingProblem``: decision groups, costs, memory, edges.
+
+Every value producer of the (sub)graph becomes a chooser of placements:
+
+* a parameter chooses its storage placement among every valid combination of ``Replicate`` and
+  ``Shard(d)`` per mesh axis; its memory is ``bytes / shard × (1 + gradient_factor +
+  optimizer_factor)`` (weights, gradients and optimizer states are sharded alike: a parameter
+  sharded along a data-parallel axis is ZeRO-3);
+* a graph input (or a value produced outside the sub-graph being solved) chooses among the same
+  placements, at no cost; it occupies its local bytes of device memory;
+* a call node chooses among the strategies of its rule (``intra_op.strategies``); its memory is
+  the activations it keeps for backward: its output, divided by the output's shard factor,
+  when some consumer saves it, plus its internal saved buffers divided by its work split.
+
+Edges carry resharding. For input ``k`` of node ``v`` produced by ``p``, with ``p`` choosing
+``i`` and ``v`` choosing ``j``:
+
+    R[i, j] = f · reshard(out_p[i] → in_v[j][k])  +  reshard(grad_v[j][k] → grad(out_p[i]))
+
+forward then backward, where ``f = 2`` for parameters (a gathered ZeRO-3 weight is freed after
+its forward use and gathered again for backward) and 1 otherwise. The backward term is the
+gradient all-reduce of data parallelism, the reduce-scatter of ZeRO, or the input-gradient
+all-reduce of a column-parallel layer, depending on the choices.
+
+A node that follows one of its inputs shares that producer's decision group; resharding
+between members of one group is added to the group's cost on the diagonal.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hierarchical_ap.cluster import LogicalMesh
+from hierarchical_ap.cost_model import CostModel
+from hierarchical_ap.graph import OpGraph
+from hierarchical_ap.profile import TensorMeta
+from intra_op.ilp import ShardingProblem
+from intra_op.placement import REPLICATE, Placements, Shard, is_valid, shard_factor
+from intra_op.resharding import gradient_placements, reshard_time
+from intra_op.strategies import node_strategies
+from intra_op.strategy import OpStrategy, StrategyContext
+
+SHARDED_STORAGE_TIE_BREAK_S = 1e-9
+"""A nanosecond charged to sharded parameter storage: between plans of equal time the ILP keeps
+parameters replicated unless memory asks otherwise (Alpa breaks such ties with small constants
+too)."""
+
+
+@dataclass(frozen=True)
+class TrainingMemory:
+    """Bytes of training state per byte of parameter: fp32 Adam keeps one gradient and two
+    moments, so ``gradient_factor = 1`` and ``optimizer_factor = 2``."""
+
+    gradient_factor: float = 1.0
+    optimizer_factor: float = 2.0
+
+
+FP32_ADAM = TrainingMemory()
+
+
+@dataclass
+class Chooser:
+    """One producer of values and the placements (or strategies) it can choose."""
+
+    name: str
+    group: int
+    outputs: list[Placements]
+    strategies: list[OpStrategy] | None = None
+    kind: str = "node"
+    """``"param"``, ``"input"`` (graph input or value from outside the sub-graph) or ``"node"``."""
+
+
+@dataclass
+class CostGraph:
+    """The ILP's view of a graph: choosers, and per decision group its members."""
+
+    choosers: dict[str, Chooser]
+    problem: ShardingProblem
+    groups: list[list[str]] = field(default_factory=list)
+
+
+def candidate_placements(meta: TensorMeta, mesh_shape: Sequence[int]) -> list[Placements]:
+    """Every valid placement of a tensor that only replicates or shards (no Partial)."""
+    per_axis = [
+        [REPLICATE] + ([Shard(d) for d in range(len(meta.shape))] if size > 1 else [])
+        for size in mesh_shape
+    ]
+    return [p for p in itertools.product(*per_axis) if is_valid(meta.shape, p, mesh_shape)]
+
+
+def build_cost_graph(
+    graph: OpGraph,
+    mesh: LogicalMesh,
+    cost: CostModel,
+    *,
+    nodes: Iterable[str] | None = None,
+    memory_budget_bytes: float | None = None,
+    training_memory: TrainingMemory = FP32_ADAM,
+) -> CostGraph:
+    """Build the ILP of ``graph`` (or of the sub-graph made of ``nodes``) on ``mesh``."""
+    selected = list(graph.nodes) if nodes is None else [n for n in graph.nodes if n in set(nodes)]
+    ctx = StrategyContext(graph, mesh, cost)
+    mesh_shape = tuple(mesh.shape)
+    saved_roots = _saved_roots(graph, selected)
+    builder = _ProblemBuilder(mesh, cost)
+    choosers: dict[str, Chooser] = {}
+    param_groups: dict[str, int] = {}
+
+    def producer(value: str) -> Chooser:
+        if value in choosers:
+            return choosers[value]
+        meta = graph.value_meta(value)
+        outputs = candidate_placements(meta, mesh_shape)
+        if value in graph.value_to_param:
+            fqn = graph.value_to_param[value]
+            if fqn in param_groups:  # tied weights: one decision for every placeholder
+                group = param_groups[fqn]
+            else:
+                state = meta.nbytes * (
+                    1 + training_memory.gradient_factor + training_memory.optimizer_factor
+                )
+                group = builder.new_group(
+                    np.array(
+                        [
+                            SHARDED_STORAGE_TIE_BREAK_S * (shard_factor(p, mesh_shape) > 1)
+                            for p in outputs
+                        ]
+                    ),
+                    np.array([state / shard_factor(p, mesh_shape) for p in outputs]),
+                )
+                param_groups[fqn] = group
+            chooser = Chooser(value, group, outputs, kind="param")
+        else:
+            group = builder.new_group(
+                np.zeros(len(outputs)),
+                np.array([meta.nbytes / shard_factor(p, mesh_shape) for p in outputs]),
+            )
+            chooser = Chooser(value, group, outputs, kind="input")
+        builder.members[group].append(value)
+        choosers[value] = chooser
+        return chooser
+
+    for name in selected:
+        node = graph.nodes[name]
+        inputs = [producer(value) for value in node.inputs]
+        result = node_strategies(ctx, node, [p.outputs for p in inputs])
+        strategies = list(result.strategies)
+        memory = np.array(
+            [_activation_bytes(graph, name, s, saved_roots, mesh_shape) for s in strategies]
+        )
+        own = np.array([s.compute_time_s + s.comm_time_s for s in strategies])
+        if result.follows_input is not None:
+            leader = inputs[result.follows_input]
+            if len(strategies) != len(leader.outputs):
+                raise ValueError(
+                    f"rule for {node.target} at {name} follows input {result.follows_input} but returned "
+                    f"{len(strategies)} strategies for {len(leader.outputs)} producer placements"
+                )
+            group = leader.group
+            builder.add_to_group(group, own, memory)
+        else:
+            group = builder.new_group(own, memory)
+        builder.members[group].append(name)
+        chooser = Chooser(name, group, [s.output for s in strategies], strategies)
+        choosers[name] = chooser
+        for index, source in enumerate(inputs):
+            builder.add_edge(graph, source, chooser, index)
+
+    problem = ShardingProblem(builder.costs, builder.memory, builder.edges, memory_budget_bytes)
+    return CostGraph(choosers, problem, builder.members)
+
+
+class _ProblemBuilder:
+    """Accumulates group cost / memory vectors and edge matrices."""
+
+    def __init__(self, mesh: LogicalMesh, cost: CostModel) -> None:
+        self.mesh = mesh
+        self.cost = cost
+        self.costs: list[np.ndarray] = []
+        self.memory: list[np.ndarray] = []
+        self.edges: list[tuple[int, int, np.ndarray]] = []
+        self.members: list[list[str]] = []
+
+    def new_group(self, costs: np.ndarray, memory: np.ndarray) -> int:
+        self.costs.append(np.asarray(costs, dtype=float))
+        self.memory.append(np.asarray(memory, dtype=float))
+        self.members.append([])
+        return len(self.costs) - 1
+
+    def add_to_group(self, group: int, costs: np.ndarray, memory: np.ndarray) -> None:
+        self.costs[group] = self.costs[group] + costs
+        self.memory[group] = self.memory[group] + memory
+
+    def add_edge(self, graph: OpGraph, source: Chooser, consumer: Chooser, index: int) -> None:
+        meta = graph.value_meta(source.name)
+        regather = 2.0 if source.kind == "param" else 1.0
+        needs_grad = (
+            source.kind == "param"
+            or graph.nodes.get(source.name) is not None
+            and graph.nodes[source.name].requires_grad
+        )
+        assert consumer.strategies is not None
+        matrix = np.empty((len(source.outputs), len(consumer.strategies)))
+        for i, out in enumerate(source.outputs):
+            grad_target = gradient_placements(out)
+            for j, strategy in enumerate(consumer.strategies):
+                want = strategy.inputs[index]
+                seconds = regather * reshard_time(meta, out, want, self.mesh, self.cost)
+                grad = strategy.input_grads[index]
+                if needs_grad and grad is not None:
+                    seconds += reshard_time(meta, grad, grad_target, self.mesh, self.cost)
+                matrix[i, j] = seconds
+        if source.group == consumer.group:
+            self.costs[source.group] = self.costs[source.group] + np.diag(matrix)
+        elif matrix.any():
+            self.edges.append((source.group, consumer.group, matrix))
+
+
+def _saved_roots(graph: OpGraph, selected: Sequence[str]) -> set[str]:
+    """Values whose storage autograd keeps for the selected nodes (at their root)."""
+    roots: set[str] = set()
+    for name in selected:
+        node = graph.nodes[name]
+        for saved in node.profile.saved:
+            if saved.kind == "input":
+                roots.add(graph.root_value(node.inputs[saved.index]))
+            elif saved.kind == "output":
+                roots.add(graph.root_value(name))
+    return roots
+
+
+def _activation_bytes(
+    graph: OpGraph,
+    name: str,
+    strategy: OpStrategy,
+    saved_roots: set[str],
+    mesh_shape: Sequence[int],
+) -> float:
+    node = graph.nodes[name]
+    total = node.profile.internal_saved_bytes / strategy.work_split
+    if name in saved_roots and node.alias_of is None:
+        total += node.output_bytes / shard_factor(strategy.output, mesh_shape)
+    return total

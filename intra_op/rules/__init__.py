@@ -1,0 +1,1 @@
+"""Per-op-family sharding strategy rules; ``intra_op.strategies`` assembles the registry."""
