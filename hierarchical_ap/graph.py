@@ -245,6 +245,7 @@ def capture(
         raise _capture_error(model, exc) from exc
     num_model_inputs = len(pytree.tree_leaves((args, kwargs)))
     _inline_region_wrappers(exported.graph_module)
+    _remove_identity_dropout(exported.graph_module)
     graph = _build_op_graph(exported, model, num_model_inputs)
     graph.capture_time_s = time.perf_counter() - started
     if loss_fn is not None:
@@ -304,6 +305,23 @@ def _inline_region_wrappers(module: fx.GraphModule) -> None:
             node.replace_all_uses_with(results)
         graph.erase_node(node)
     graph.eliminate_dead_code()
+    module.recompile()
+
+
+def _remove_identity_dropout(module: fx.GraphModule) -> None:
+    """Drop ``aten.dropout(x, p=0, ...)`` nodes: they return ``x`` unchanged.
+
+    Models keep dropout modules with p = 0 (the norm for large-model pre-training); removing
+    them keeps an all-reduce-free path open for ``Partial`` values (a row-parallel output can
+    be reduce-scattered straight into a sequence-sharded residual add).
+    """
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.dropout.default:
+            probability = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
+            if probability == 0:
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
     module.recompile()
 
 

@@ -44,10 +44,11 @@ from intra_op.resharding import gradient_placements, reshard_time
 from intra_op.strategies import node_strategies
 from intra_op.strategy import OpStrategy, StrategyContext
 
-SHARDED_STORAGE_TIE_BREAK_S = 1e-9
-"""A nanosecond charged to sharded parameter storage: between plans of equal time the ILP keeps
-parameters replicated unless memory asks otherwise (Alpa breaks such ties with small constants
-too)."""
+TIE_BREAK_S = 1e-9
+"""A nanosecond that breaks ties between plans of equal time (Alpa uses small constants too):
+charged to sharded parameter storage, so that parameters stay replicated unless memory asks
+otherwise, and to a graph input in proportion to the fraction of it each device is fed, so
+that each device loads only its part of the batch."""
 
 
 @dataclass(frozen=True)
@@ -124,21 +125,14 @@ def build_cost_graph(
                     1 + training_memory.gradient_factor + training_memory.optimizer_factor
                 )
                 group = builder.new_group(
-                    np.array(
-                        [
-                            SHARDED_STORAGE_TIE_BREAK_S * (shard_factor(p, mesh_shape) > 1)
-                            for p in outputs
-                        ]
-                    ),
+                    np.array([TIE_BREAK_S * (shard_factor(p, mesh_shape) > 1) for p in outputs]),
                     np.array([state / shard_factor(p, mesh_shape) for p in outputs]),
                 )
                 param_groups[fqn] = group
             chooser = Chooser(value, group, outputs, kind="param")
         else:
-            group = builder.new_group(
-                np.zeros(len(outputs)),
-                np.array([meta.nbytes / shard_factor(p, mesh_shape) for p in outputs]),
-            )
+            local = np.array([meta.nbytes / shard_factor(p, mesh_shape) for p in outputs])
+            group = builder.new_group(TIE_BREAK_S * local / max(meta.nbytes, 1), local)
             chooser = Chooser(value, group, outputs, kind="input")
         builder.members[group].append(value)
         choosers[value] = chooser

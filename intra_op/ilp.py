@@ -47,7 +47,11 @@ logger = logging.getLogger(__name__)
 
 SEPARABLE_TOLERANCE = 1e-12
 MIP_RELATIVE_GAP = 1e-9
-"""Optimality gap at which the solver stops: tight, so that nanosecond tie-breaks count."""
+OBJECTIVE_SCALE = 1e6
+"""The solver's objective is in microseconds (costs are given in seconds)."""
+MIP_ABSOLUTE_GAP = 1e-6
+"""Optimality gaps (relative; absolute in microseconds) at which the solver stops: tight, so
+that the nanosecond tie-breaks of ``intra_op.cost_graph`` count."""
 
 
 class InfeasibleError(Exception):
@@ -87,9 +91,13 @@ def solve(
 ) -> IlpResult:
     """Solve the ILP; raises ``InfeasibleError`` when nothing fits ``memory_budget``."""
     started = time.perf_counter()
-    costs = [np.asarray(c, dtype=float).copy() for c in problem.costs]
+    # The solver sees microseconds: well-scaled coefficients, and nanosecond tie-breaks stay
+    # above its tolerances.
+    costs = [np.asarray(c, dtype=float) * OBJECTIVE_SCALE for c in problem.costs]
     memory = [np.asarray(m, dtype=float) for m in problem.memory]
-    edges = _reduce_edges(problem.edges, costs)
+    edges = _reduce_edges(
+        [(u, w, np.asarray(r, dtype=float) * OBJECTIVE_SCALE) for u, w, r in problem.edges], costs
+    )
 
     free = [v for v, c in enumerate(costs) if len(c) > 1]
     model = pulp.LpProblem("sharding", pulp.LpMinimize)
@@ -163,14 +171,22 @@ def _run_solver(model: pulp.LpProblem, time_limit_s: float, solver: str) -> str:
     if solver == "highs":
         try:
             model.solve(
-                pulp.HiGHS(msg=False, timeLimit=time_limit_s, threads=1, gapRel=MIP_RELATIVE_GAP)
+                pulp.HiGHS(
+                    msg=False,
+                    timeLimit=time_limit_s,
+                    threads=1,
+                    gapRel=MIP_RELATIVE_GAP,
+                    gapAbs=MIP_ABSOLUTE_GAP,
+                )
             )
             return "highs"
         except pulp.PulpSolverError as exc:
             logger.warning("HiGHS failed (%s); falling back to CBC", exc)
     with warnings.catch_warnings():  # PuLP 3.3 flags its bundled CBC for removal in PuLP 4
         warnings.simplefilter("ignore", DeprecationWarning)
-        cbc = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=MIP_RELATIVE_GAP)
+        cbc = pulp.PULP_CBC_CMD(
+            msg=False, timeLimit=time_limit_s, gapRel=MIP_RELATIVE_GAP, gapAbs=MIP_ABSOLUTE_GAP
+        )
     model.solve(cbc)
     return "cbc"
 
