@@ -11,15 +11,14 @@ a few human units (GB/s, Gbit/s, µs, GiB, TFLOP/s), see `Cluster.from_dict`.
 
 Devices are numbered host-major: device `d` of host `h` has the global index
 `h * devices_per_host + d`.
+
+This module holds the core types. The datasheet presets and link constants live in
+`hierarchical_ap.hardware`, cluster files in `hierarchical_ap.cluster_file` and Ray discovery in
+`hierarchical_ap.cluster_ray`; the names callers import from here are re-exported.
 """
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import io
-import json
-import logging
 import math
 import os
 import re
@@ -27,49 +26,58 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from fractions import Fraction
-from functools import cache, cached_property
-from importlib import resources
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from hierarchical_ap.cluster_ray import cluster_from_ray_nodes
 from hierarchical_ap.errors import ClusterSpecError
+from hierarchical_ap.hardware import (
+    CPU_CORE_MEMORY_BANDWIDTH,
+    CPU_CORE_PEAK_FLOPS,
+    CPU_DEVICE_NAME,
+    CPU_INTER_HOST_BANDWIDTH,
+    DATASHEET_FP32_TFLOPS,
+    ETHERNET_LATENCY_S,
+    GIB,
+    INFINIBAND_LATENCY_S,
+    LOOPBACK_BANDWIDTH,
+    LOOPBACK_LATENCY_S,
+    NVLINK_LATENCY_S,
+    _device_defaults,
+    _preset_row,
+    preset_names,
+)
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "BACKENDS",
+    "CPU_CORE_MEMORY_BANDWIDTH",
+    "CPU_CORE_PEAK_FLOPS",
+    "CPU_DEVICE_NAME",
+    "CPU_INTER_HOST_BANDWIDTH",
+    "DATASHEET_FP32_TFLOPS",
+    "ETHERNET_LATENCY_S",
+    "EXAMPLE",
+    "EXAMPLE_SPEC",
+    "GIB",
+    "INFINIBAND_LATENCY_S",
+    "LOOPBACK_BANDWIDTH",
+    "LOOPBACK_LATENCY_S",
+    "NVLINK_LATENCY_S",
+    "AlphaBeta",
+    "Cluster",
+    "Collective",
+    "DeviceSpec",
+    "Link",
+    "LogicalMesh",
+    "MeshAxis",
+    "Submesh",
+    "cluster_from_ray_nodes",
+    "preset_names",
+]
 
-#: One-hop latency of NVLink between two GPUs of a host (NCCL's per-step latency is a few µs).
-NVLINK_LATENCY_S = 5e-6
-#: One-hop latency of an InfiniBand fabric (HDR/NDR, including the NCCL proxy), per step.
-INFINIBAND_LATENCY_S = 10e-6
-#: One-hop latency of the TCP/Ethernet network of Alpa's AWS p3.16xlarge (V100) testbed.
-ETHERNET_LATENCY_S = 25e-6
-#: Loopback TCP between gloo workers on one host, per worker and direction, and its per-step
-#: latency: `hap cluster probe --workers 2` on a 2-core development VM fitted 1/beta ≈ 1.2 GB/s
-#: and alpha ≈ 0.15–0.4 ms per step for all-reduce (gloo in Ray actors, one thread each).
-LOOPBACK_BANDWIDTH = 1.2e9
-LOOPBACK_LATENCY_S = 2e-4
-#: Network between CPU hosts: a 10 Gbit/s Ethernet NIC.
-CPU_INTER_HOST_BANDWIDTH = 1.25e9
-#: Single-precision GEMM rate of one x86 core: two 256-bit FMA units at ~3 GHz ≈ 96 GFLOP/s.
-CPU_CORE_PEAK_FLOPS = 1e11
-#: DRAM bandwidth one core streams (a copy reaches ~8 GB/s on one core of the development VM).
-CPU_CORE_MEMORY_BANDWIDTH = 1e10
-
-#: Datasheet single-precision peaks (non-tensor-core FP32) in TFLOP/s; hardware.csv lists the
-#: dense bf16/fp16 tensor-core peaks only. H100 is the SXM part.
-DATASHEET_FP32_TFLOPS = {
-    "V100-16GB": 15.7,
-    "A100-40GB": 19.5,
-    "A100-80GB": 19.5,
-    "H100-80GB": 67.0,
-    "H200-141GB": 67.0,
-    "B200-192GB": 80.0,
-}
-
-CPU_DEVICE_NAME = "CPU"
 BACKENDS = ("nccl", "gloo")
 EXAMPLE_SPEC = "2x8xA100-80GB"
 EXAMPLE = (
@@ -78,10 +86,7 @@ EXAMPLE = (
     "'inter_host_link: {bandwidth_gbps: 100}'"
 )
 
-GIB = 2**30
 _SPEC_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*[xX]\s*(\S+)\s*$")
-# hardware.csv notes a per-host (not per-GPU) network figure as "per host shared by N GPUs".
-_SHARED_NIC_RE = re.compile(r"per host shared by (\d+) GPUs")
 
 
 def _invalid(message: str) -> ClusterSpecError:
@@ -244,70 +249,6 @@ class DeviceSpec:
 
 def _host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-@dataclass(frozen=True)
-class _Preset:
-    device: DeviceSpec
-    intra_host_link: Link
-    inter_host_link: Link
-
-
-@cache
-def _presets() -> dict[str, _Preset]:
-    """hardware.csv as presets keyed by upper-case name.
-
-    Memory is read as GiB (A100-80GB reports 81920 MiB), bandwidths as decimal GB/s and peaks as
-    TFLOP/s. The intra-host link is NVLink per direction; the inter-host link is the per-GPU
-    network figure, except where the note says the figure is per host shared by N GPUs (the V100
-    testbed's 25 Gbit/s Ethernet), which is divided by N and gets the Ethernet latency.
-    """
-    text = (resources.files("hierarchical_ap") / "data" / "hardware.csv").read_text()
-    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    presets: dict[str, _Preset] = {}
-    for row in csv.DictReader(io.StringIO("\n".join(lines))):
-        name = row["device"]
-        half = float(row["peak_tflops_bf16_or_fp16"]) * 1e12
-        device = DeviceSpec(
-            name=name,
-            memory_bytes=int(float(row["memory_gb"]) * GIB),
-            peak_flops_fp32=DATASHEET_FP32_TFLOPS[name] * 1e12,
-            peak_flops_bf16=half,
-            peak_flops_fp16=half,
-            hbm_bandwidth=float(row["hbm_tb_s"]) * 1e12,
-        )
-        shared = _SHARED_NIC_RE.search(row["note"])
-        sharers = int(shared.group(1)) if shared else 1
-        inter = Link(
-            bandwidth=float(row["typical_internode_per_gpu_gb_s"]) * 1e9 / sharers,
-            latency=ETHERNET_LATENCY_S if shared else INFINIBAND_LATENCY_S,
-        )
-        intra = Link(
-            bandwidth=float(row["nvlink_gb_s_per_direction"]) * 1e9, latency=NVLINK_LATENCY_S
-        )
-        presets[name.upper()] = _Preset(device, intra, inter)
-    return presets
-
-
-def preset_names() -> tuple[str, ...]:
-    """The names `DeviceSpec.preset` and cluster specs accept, CPU included."""
-    return (*(p.device.name for p in _presets().values()), CPU_DEVICE_NAME)
-
-
-def _preset_row(name: str) -> _Preset:
-    """Resolve a device name: exact (case-insensitive), then a unique family ("H100" for
-    "H100-80GB"); an ambiguous family ("A100") or an unknown name is an error listing choices."""
-    presets = _presets()
-    key = name.strip().upper()
-    if key in presets:
-        return presets[key]
-    family = [p for k, p in presets.items() if k.rsplit("-", 1)[0] == key]
-    if len(family) == 1:
-        return family[0]
-    if family:
-        choices = ", ".join(p.device.name for p in family)
-        raise _invalid(f"device {name!r} is ambiguous: be specific, one of {choices}")
-    raise _invalid(f"unknown device {name!r}; known devices: {', '.join(preset_names())}")
 
 
 @dataclass(frozen=True)
@@ -534,43 +475,16 @@ class Cluster:
         """The cluster of a running Ray instance (connecting to `address` if Ray is not
         initialised in this process): alive nodes with GPUs become hosts of datasheet GPUs; a
         CPU-only Ray cluster gives one CPU worker per Ray CPU."""
-        import ray
+        from hierarchical_ap.cluster_ray import cluster_from_ray
 
-        if not ray.is_initialized():
-            try:
-                ray.init(address=address, ignore_reinit_error=True)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise ClusterSpecError(
-                    f"cannot connect to a Ray cluster at {address!r} ({exc}); start one with "
-                    f"`ray start --head`, or describe the cluster with Cluster.from_spec("
-                    f"'{EXAMPLE_SPEC}') / Cluster.from_file(path)"
-                ) from exc
-        return cluster_from_ray_nodes(ray.nodes())
+        return cluster_from_ray(address)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Cluster:
         """Read a cluster from a YAML (.yaml/.yml) or JSON (.json) file; see `from_dict`."""
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise _invalid(f"cannot read cluster file {str(path)!r}: {exc.strerror}") from exc
-        suffix = path.suffix.lower()
-        try:
-            if suffix == ".json":
-                data = json.loads(text)
-            elif suffix in (".yaml", ".yml"):
-                data = yaml.safe_load(text)
-            else:
-                raise _invalid(f"cluster file {str(path)!r} must end in .yaml, .yml or .json")
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            raise _invalid(
-                f"cluster file {str(path)!r} is not valid {suffix[1:].upper()}: {exc}"
-            ) from exc
-        try:
-            return cls.from_dict(data)
-        except ClusterSpecError as exc:
-            raise ClusterSpecError(f"cluster file {str(path)!r}: {exc}") from None
+        from hierarchical_ap.cluster_file import cluster_from_file
+
+        return cluster_from_file(cls, path)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Cluster:
@@ -587,55 +501,23 @@ class Cluster:
           {all_reduce: {alpha: s, beta: s/byte}, …} as fitted by `hap cluster probe`;
         - `backend`: "nccl" or "gloo" (default: gloo for CPU devices, else nccl).
         """
-        if not isinstance(data, Mapping):
-            raise _invalid(
-                f"a cluster description is a mapping of fields, got {type(data).__name__}"
-            )
-        _check_keys(data, _CLUSTER_KEYS, "cluster")
-        defaults: dict[str, Any] = {}
-        if "spec" in data:
-            spec = cls.from_spec(data["spec"])
-            defaults = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-        fields = {}
-        for key in ("num_hosts", "devices_per_host"):
-            fields[key] = _integer(data[key], key) if key in data else defaults.get(key)
-            if fields[key] is None:
-                raise _invalid(f"missing {key!r} (or a 'spec' to take it from)")
-        device_name = _device_name(data.get("device"))
-        if device_name is not None:
-            defaults.update(_device_defaults(device_name, fields["devices_per_host"]))
-        fields["device"] = _device_from(data.get("device"), defaults.get("device"))
-        for key in ("intra_host_link", "inter_host_link"):
-            fields[key] = _link_from(data.get(key), defaults.get(key), key)
-        backend = data.get("backend", defaults.get("backend"))
-        fields["backend"] = backend if backend is not None else _default_backend(fields["device"])
-        return cls(**fields)
+        from hierarchical_ap.cluster_file import cluster_from_dict
+
+        return cluster_from_dict(cls, data)
 
     # ----------------------------------------------------------------------------- output
 
     def to_dict(self) -> dict[str, Any]:
         """All fields in SI base units; `Cluster.from_dict(c.to_dict()) == c`."""
-        return {
-            "num_hosts": self.num_hosts,
-            "devices_per_host": self.devices_per_host,
-            "backend": self.backend,
-            "device": dataclasses.asdict(self.device),
-            "intra_host_link": _link_to_dict(self.intra_host_link),
-            "inter_host_link": _link_to_dict(self.inter_host_link),
-        }
+        from hierarchical_ap.cluster_file import cluster_to_dict
+
+        return cluster_to_dict(self)
 
     def to_file(self, path: str | os.PathLike[str]) -> Path:
         """Write `to_dict()` as YAML (.yaml/.yml) or JSON (.json); returns the path."""
-        path = Path(path)
-        suffix = path.suffix.lower()
-        if suffix == ".json":
-            text = json.dumps(self.to_dict(), indent=2) + "\n"
-        elif suffix in (".yaml", ".yml"):
-            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        else:
-            raise _invalid(f"cluster file {str(path)!r} must end in .yaml, .yml or .json")
-        path.write_text(text)
-        return path
+        from hierarchical_ap.cluster_file import cluster_to_file
+
+        return cluster_to_file(self, path)
 
     # ----------------------------------------------------------------------------- meshes
 
@@ -662,248 +544,3 @@ class Cluster:
             f"up to {self.num_devices} (whole hosts) of this {self.num_hosts}x"
             f"{self.devices_per_host}x{self.device.name} cluster"
         )
-
-
-# --------------------------------------------------------------------------------- file fields
-
-_CLUSTER_KEYS = frozenset(
-    {
-        "spec",
-        "num_hosts",
-        "devices_per_host",
-        "device",
-        "intra_host_link",
-        "inter_host_link",
-        "backend",
-    }
-)
-# canonical field -> {accepted key: exact scale to SI base units}
-_DEVICE_UNITS = {
-    "memory_bytes": {"memory_bytes": Fraction(1), "memory_gib": Fraction(GIB)},
-    "peak_flops_fp32": {"peak_flops_fp32": Fraction(1), "peak_tflops_fp32": Fraction(10**12)},
-    "peak_flops_bf16": {"peak_flops_bf16": Fraction(1), "peak_tflops_bf16": Fraction(10**12)},
-    "peak_flops_fp16": {"peak_flops_fp16": Fraction(1), "peak_tflops_fp16": Fraction(10**12)},
-    "hbm_bandwidth": {"hbm_bandwidth": Fraction(1), "hbm_gb_s": Fraction(10**9)},
-}
-_LINK_UNITS = {
-    "bandwidth": {
-        "bandwidth": Fraction(1),
-        "bandwidth_gb_s": Fraction(10**9),
-        "bandwidth_gbps": Fraction(10**9, 8),
-    },
-    "latency": {"latency": Fraction(1), "latency_us": Fraction(1, 10**6)},
-}
-_FIT_KEYS = frozenset({"alpha", "beta"})
-
-
-def _check_keys(data: Mapping[str, Any], allowed: frozenset[str] | set[str], where: str) -> None:
-    unknown = sorted(str(k) for k in data if k not in allowed)
-    if unknown:
-        raise _invalid(f"unknown key(s) {unknown} in {where}; allowed: {sorted(allowed)}")
-
-
-def _number(value: Any, where: str) -> float:
-    """A number; numeric strings are accepted because YAML reads `25e9` as a string."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _invalid(f"{where} must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise _invalid(f"{where} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise _invalid(f"{where} must be a finite number, got {value!r}")
-    return number
-
-
-def _integer(value: Any, where: str) -> int:
-    number = _number(value, where)
-    if not number.is_integer():
-        raise _invalid(f"{where} must be an integer, got {value!r}")
-    return int(number)
-
-
-def _quantities(
-    data: Mapping[str, Any], units: dict[str, dict[str, Fraction]], where: str
-) -> dict[str, float]:
-    """Canonical field -> value in SI units (correctly rounded), for the fields `data` gives in
-    any accepted unit."""
-    values = {}
-    for field, aliases in units.items():
-        given = [key for key in aliases if key in data]
-        if len(given) > 1:
-            raise _invalid(f"{where} gives {field} twice ({', '.join(given)}); keep one")
-        if given:
-            key = given[0]
-            values[field] = float(Fraction(_number(data[key], f"{where}.{key}")) * aliases[key])
-    return values
-
-
-def _device_defaults(name: str, devices_per_host: int) -> dict[str, Any]:
-    """Device, links and backend for a device name (a datasheet preset or "CPU")."""
-    if name.strip().upper() == CPU_DEVICE_NAME:
-        return {
-            "device": DeviceSpec.cpu(devices_per_host),
-            "intra_host_link": Link(LOOPBACK_BANDWIDTH, LOOPBACK_LATENCY_S),
-            "inter_host_link": Link(CPU_INTER_HOST_BANDWIDTH, ETHERNET_LATENCY_S),
-            "backend": "gloo",
-        }
-    row = _preset_row(name)
-    return {
-        "device": row.device,
-        "intra_host_link": row.intra_host_link,
-        "inter_host_link": row.inter_host_link,
-        "backend": "nccl",
-    }
-
-
-def _default_backend(device: DeviceSpec) -> str:
-    return "gloo" if device.is_cpu else "nccl"
-
-
-def _is_known_device(name: str) -> bool:
-    return name.strip().upper() in {n.upper() for n in preset_names()}
-
-
-def _device_name(data: Any) -> str | None:
-    """The preset a `device` entry names (a string, or a mapping's known `name`), if any."""
-    if isinstance(data, str):
-        return data
-    if (
-        isinstance(data, Mapping)
-        and isinstance(data.get("name"), str)
-        and _is_known_device(data["name"])
-    ):
-        return data["name"]
-    return None
-
-
-def _device_from(data: Any, default: DeviceSpec | None) -> DeviceSpec:
-    if data is None or isinstance(data, str):
-        if default is None:
-            raise _invalid("missing 'device' (or a 'spec' to take it from)")
-        return default
-    if not isinstance(data, Mapping):
-        raise _invalid(f"device must be a device name or a mapping of fields, got {data!r}")
-    _check_keys(
-        data, {"name", *(k for aliases in _DEVICE_UNITS.values() for k in aliases)}, "device"
-    )
-    values: dict[str, Any] = _quantities(data, _DEVICE_UNITS, "device")
-    if "memory_bytes" in values:
-        values["memory_bytes"] = int(values["memory_bytes"])
-    if "name" in data:
-        values["name"] = data["name"]
-    if default is None:
-        missing = [f.name for f in dataclasses.fields(DeviceSpec) if f.name not in values]
-        if missing:
-            raise _invalid(f"custom device {data.get('name', '?')!r} is missing {missing}")
-    try:
-        return (
-            dataclasses.replace(default, **values) if default is not None else DeviceSpec(**values)
-        )
-    except ClusterSpecError as exc:
-        raise ClusterSpecError(f"device: {exc}") from None
-
-
-def _link_from(data: Any, default: Link | None, where: str) -> Link:
-    if data is None:
-        if default is None:
-            raise _invalid(f"missing {where!r} (or a 'spec' or device preset to take it from)")
-        return default
-    if not isinstance(data, Mapping):
-        raise _invalid(f"{where} must be a mapping with bandwidth and latency, got {data!r}")
-    _check_keys(
-        data, {"collectives", *(k for aliases in _LINK_UNITS.values() for k in aliases)}, where
-    )
-    values: dict[str, Any] = _quantities(data, _LINK_UNITS, where)
-    if "collectives" in data:
-        values["fitted"] = _fits_from(data["collectives"], f"{where}.collectives")
-    if default is None:
-        missing = [f for f in _LINK_UNITS if f not in values]
-        if missing:
-            raise _invalid(f"{where} is missing {missing}")
-    try:
-        return dataclasses.replace(default, **values) if default is not None else Link(**values)
-    except ClusterSpecError as exc:
-        raise ClusterSpecError(f"{where}: {exc}") from None
-
-
-def _fits_from(data: Any, where: str) -> dict[Collective, AlphaBeta]:
-    if not isinstance(data, Mapping):
-        raise _invalid(f"{where} must map collective names to {{alpha, beta}}, got {data!r}")
-    fits = {}
-    for name, fit in data.items():
-        if not isinstance(fit, Mapping) or set(fit) != _FIT_KEYS:
-            raise _invalid(
-                f"{where}.{name} must be a mapping with exactly alpha and beta, got {fit!r}"
-            )
-        fits[_collective(name)] = AlphaBeta(
-            _number(fit["alpha"], f"{where}.{name}.alpha"),
-            _number(fit["beta"], f"{where}.{name}.beta"),
-        )
-    return fits
-
-
-def _link_to_dict(link: Link) -> dict[str, Any]:
-    out: dict[str, Any] = {"bandwidth": link.bandwidth, "latency": link.latency}
-    if link.fitted:
-        out["collectives"] = {c.value: dataclasses.asdict(fit) for c, fit in link.fitted}
-    return out
-
-
-# --------------------------------------------------------------------------------- Ray
-
-_RAY_ACCELERATOR_PREFIX = "accelerator_type:"
-
-
-def cluster_from_ray_nodes(nodes: Sequence[Mapping[str, Any]]) -> Cluster:
-    """The cluster described by `ray.nodes()`: alive nodes with GPUs are hosts of their
-    `accelerator_type` (mapped to a datasheet preset); without GPUs, every alive node with CPUs
-    is a host of one CPU worker per CPU, sharing the node's Ray memory."""
-    alive = [n for n in nodes if n.get("Alive")]
-    gpu_nodes = [n for n in alive if n.get("Resources", {}).get("GPU", 0) > 0]
-    fix = (
-        f"describe the cluster with Cluster.from_spec('{EXAMPLE_SPEC}') or Cluster.from_file(path)"
-    )
-    if gpu_nodes:
-        counts = sorted({int(n["Resources"]["GPU"]) for n in gpu_nodes})
-        if len(counts) != 1:
-            raise ClusterSpecError(f"Ray nodes have different GPU counts {counts}; {fix}")
-        types = sorted(
-            {
-                key[len(_RAY_ACCELERATOR_PREFIX) :]
-                for n in gpu_nodes
-                for key in n["Resources"]
-                if key.startswith(_RAY_ACCELERATOR_PREFIX)
-            }
-        )
-        if len(types) != 1:
-            found = f"GPU types {types}" if types else "no accelerator_type resource"
-            raise ClusterSpecError(
-                f"Ray reports {found} for its GPU nodes, need exactly one; {fix}"
-            )
-        name = _ray_accelerator_preset(types[0], fix)
-        logger.info("Ray cluster: %d host(s) x %d %s", len(gpu_nodes), counts[0], name)
-        return Cluster(len(gpu_nodes), counts[0], **_device_defaults(name, counts[0]))
-    cpu_nodes = [n for n in alive if n.get("Resources", {}).get("CPU", 0) >= 1]
-    if not cpu_nodes:
-        raise ClusterSpecError(f"the Ray cluster has no alive node with GPUs or CPUs; {fix}")
-    counts = sorted({int(n["Resources"]["CPU"]) for n in cpu_nodes})
-    if len(counts) != 1:
-        raise ClusterSpecError(f"Ray nodes have different CPU counts {counts}; {fix}")
-    workers = counts[0]
-    memory = min(int(n["Resources"].get("memory", _host_memory_bytes())) for n in cpu_nodes)
-    logger.info("Ray cluster: %d host(s) x %d CPU workers", len(cpu_nodes), workers)
-    defaults = _device_defaults(CPU_DEVICE_NAME, workers)
-    defaults["device"] = DeviceSpec.cpu(workers, host_memory_bytes=memory, host_cores=workers)
-    return Cluster(len(cpu_nodes), workers, **defaults)
-
-
-def _ray_accelerator_preset(ray_type: str, fix: str) -> str:
-    """Map Ray's accelerator type ("A100-80G", "H100", "V100") to a preset name."""
-    for candidate in (ray_type, ray_type + "B"):
-        if candidate.upper() in _presets():
-            return _presets()[candidate.upper()].device.name
-    try:
-        return _preset_row(ray_type).device.name
-    except ClusterSpecError as exc:
-        raise ClusterSpecError(f"Ray GPU type {ray_type!r}: {exc}; or {fix}") from None
