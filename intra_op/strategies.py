@@ -18,6 +18,7 @@ through ``STRATEGY_RULES``. The rules live in ``intra_op.rules``, one module per
 
 An op without a rule runs replicated (one strategy: every input ``Replicate``, output
 ``Replicate``, work not split), which is always correct; each such op type is logged once.
+So does an op whose rule fails on arguments it does not understand (logged with the error).
 """
 
 from __future__ import annotations
@@ -71,10 +72,16 @@ def node_strategies(
     """
     rule = STRATEGY_RULES.get(node.target)
     if rule is None:
-        if node.target not in _warned:
-            _warned.add(node.target)
-            logger.warning(
-                "no sharding rule for %s (node %s): it will run replicated", node.target, node.name
-            )
-        rule = replicate_rule
-    return rule(ctx, node, producer_outputs)
+        _warn_once(node, "no sharding rule for %s (node %s): it will run replicated")
+        return replicate_rule(ctx, node, producer_outputs)
+    try:
+        return rule(ctx, node, producer_outputs)
+    except Exception:  # a rule meeting arguments it does not handle must not stop the planner
+        _warn_once(node, "sharding rule for %s failed on node %s: it will run replicated", True)
+        return replicate_rule(ctx, node, producer_outputs)
+
+
+def _warn_once(node: OpNode, message: str, exc_info: bool = False) -> None:
+    if node.target not in _warned:
+        _warned.add(node.target)
+        logger.warning(message, node.target, node.name, exc_info=exc_info)

@@ -33,7 +33,7 @@ from enum import Enum
 from torch import fx
 
 from hierarchical_ap.graph import OpNode
-from intra_op.placement import PARTIAL, REPLICATE, Partial, Placements
+from intra_op.placement import PARTIAL, REPLICATE, Partial, Placements, replicated
 from intra_op.rules.common import (
     Grads,
     call_arg,
@@ -43,7 +43,7 @@ from intra_op.rules.common import (
     output_shape,
     replicate_rule,
 )
-from intra_op.strategy import RuleResult, StrategyContext, StrategyRule
+from intra_op.strategy import OpStrategy, RuleResult, StrategyContext, StrategyRule
 from intra_op.view_dims import broadcast_dim_map, follow, operand_placements
 
 
@@ -146,15 +146,20 @@ def pointwise(partial: PartialRule, blocked: BlockedDims | None = None) -> Strat
 def assert_metadata_rule(
     ctx: StrategyContext, node: OpNode, producer_outputs: Sequence[Sequence[Placements]]
 ) -> RuleResult:
-    """``_assert_tensor_metadata``: a no-op check that keeps its input where it is."""
-    return follow_input(
-        ctx,
-        node,
-        0,
-        producer_outputs,
-        lambda p: ((p,), p),
-        lambda output, inputs: (None,) * len(inputs),
+    """``_assert_tensor_metadata``: a no-op check that keeps its input where it is, at no
+    cost."""
+    strategies = tuple(
+        OpStrategy(
+            name="no-op",
+            output=tuple(p),
+            inputs=(tuple(p),) + tuple(replicated(len(p)) for _ in node.inputs[1:]),
+            input_grads=(None,) * len(node.inputs),
+            work_split=1,
+            compute_time_s=0.0,
+        )
+        for p in producer_outputs[0]
     )
+    return RuleResult(strategies, follows_input=0)
 
 
 def _dim_arg(index: int, name: str) -> BlockedDims:

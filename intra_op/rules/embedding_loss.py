@@ -52,8 +52,8 @@ from intra_op.rules.common import (
 )
 from intra_op.strategy import RuleResult, StrategyContext, StrategyRule
 
-_MEAN, _SUM, _NONE = 1, 2, 0
-"""``torch.nn._reduction`` enum values of the ``reduction`` argument."""
+_NONE, _MEAN = 0, 1
+"""``reduction`` argument values (``torch.nn._reduction``: none 0, mean 1, sum 2)."""
 
 _STAT_BYTES = 4
 """Loss-parallel statistics (row max, row sum of exponentials) are computed in float32."""

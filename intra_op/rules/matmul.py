@@ -55,10 +55,12 @@ def _batch(n: int) -> tuple[str, ...]:
 
 
 def _linear(ctx: StrategyContext, node: OpNode) -> Einsum:
-    """``linear(x[..., k], W[n, k], b[n]?)``."""
+    """``linear(x[..., k], W[n, k], b[n]?)`` (``W[k]`` without ``n`` for a 1-D weight)."""
     x = input_shape(ctx, node, 0)
-    out = _batch(len(x) - 1) + ("n",)
-    operands: list[Labels] = [_batch(len(x) - 1) + ("k",), ("n", "k")]
+    batch = _batch(len(x) - 1)
+    features: Labels = ("n",) if len(input_shape(ctx, node, 1)) == 2 else ()
+    out = batch + features
+    operands: list[Labels] = [batch + ("k",), features + ("k",)]
     if len(node.inputs) == 3:
         operands.append(_aligned(input_shape(ctx, node, 2), out, output_shape(node)))
     return Einsum(tuple(operands), out, frozenset({2}))

@@ -8,7 +8,8 @@
 * ``batch_norm`` normalises each channel over batch and space: only the channel dim (1) may
   stay sharded (the statistics would otherwise need an all-reduce that DTensor's batch-norm
   rule does not do); weight, bias and running statistics (shape ``[C]``) are ``Shard(0)`` with
-  the channels.
+  the channels. In training mode with running statistics it runs replicated: their in-place
+  update would land on a redistributed copy (``intra_op.apply`` runs it replicated too).
 
 All are nonlinear in their input, so a ``Partial`` input is replaced by ``Replicate``.
 """
@@ -74,8 +75,13 @@ def _trailing_normalized(ctx: StrategyContext, node: OpNode, ndim: int) -> Seque
     return tuple(range(ndim - len(normalized), ndim))
 
 
-def _all_but_channels(ctx: StrategyContext, node: OpNode, ndim: int) -> Sequence[int]:
-    return tuple(d for d in range(ndim) if d != 1)
+def _batch_norm_blocked(ctx: StrategyContext, node: OpNode, ndim: int) -> Sequence[int]:
+    """Every dim but the channels; every dim when training updates running statistics."""
+    fx_node = ctx.fx_node(node)
+    updates_statistics = (
+        bool(call_arg(fx_node, 5, "training")) and call_arg(fx_node, 3, "running_mean") is not None
+    )
+    return tuple(d for d in range(ndim) if d != 1 or updates_statistics)
 
 
 _SOFTMAX = ["softmax.int", "_softmax.default", "log_softmax.int", "_log_softmax.default"]
@@ -88,6 +94,6 @@ RULES.update(
     {
         "aten.layer_norm.default": normalization_rule(_trailing_normalized),
         "aten.rms_norm.default": normalization_rule(_trailing_normalized),
-        "aten.batch_norm.default": normalization_rule(_all_but_channels, _channel_params),
+        "aten.batch_norm.default": normalization_rule(_batch_norm_blocked, _channel_params),
     }
 )

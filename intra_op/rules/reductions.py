@@ -1,11 +1,12 @@
 """Reductions over dims (``sum``, ``mean``, ``amax``, ``amin``): followers of their input.
 
-A dim that is kept passes its shard to the output (shifted down past removed dims). A shard
-on a reduced dim leaves each device with the reduction of its own slice, i.e. a ``Partial``
-output: ``Σ_all = Σ_devices Σ_slice`` (``Partial("sum")``), the mean of equal slices is the
-mean of their means (``Partial("avg")``), and likewise ``max``/``min``, as in DTensor's
-reduction rule. ``sum`` and ``mean`` are linear, so a ``Partial`` input stays ``Partial``;
-``amax``/``amin`` need it ``Replicate``.
+A dim that is kept passes its shard to the output (shifted down past removed dims). For
+``sum`` and ``mean`` a shard on a reduced dim leaves each device with the reduction of its
+own slice, i.e. a ``Partial`` output: ``Σ_all = Σ_devices Σ_slice`` (``Partial("sum")``) and
+the mean of equal slices is the mean of their means (``Partial("avg")``), as in DTensor's
+reduction rule; both are linear, so a ``Partial`` input stays ``Partial``. ``amax``/``amin``
+need the reduced dims whole and a replicated input: their backward compares the input with
+the global result, which a ``Partial("max")`` output would first have to all-reduce.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ from intra_op.strategy import RuleResult, StrategyContext, StrategyRule
 from intra_op.view_dims import reduce_dim_map
 
 
-def reduction_rule(reduce_op: str) -> StrategyRule:
-    """Follower for a reduction combining slices with ``reduce_op`` (``sum``, ``avg``,
-    ``max``, ``min``)."""
-    linear = reduce_op in ("sum", "avg")
+def reduction_rule(reduce_op: str | None) -> StrategyRule:
+    """Follower for a reduction whose slices combine with ``reduce_op`` (``sum``, ``avg``),
+    or that needs its reduced dims whole (``None``)."""
 
     def rule(
         ctx: StrategyContext, node: OpNode, producer_outputs: Sequence[Sequence[Placements]]
@@ -41,11 +41,11 @@ def reduction_rule(reduce_op: str) -> StrategyRule:
             accepted: list[Placement] = []
             output: list[Placement] = []
             for p in placements:
-                if isinstance(p, Shard):
-                    target = dim_map[p.dim]
+                target = dim_map[p.dim] if isinstance(p, Shard) else None
+                if isinstance(p, Shard) and (target is not None or reduce_op is not None):
                     accepted.append(p)
                     output.append(Partial(reduce_op) if target is None else Shard(target))
-                elif isinstance(p, Partial) and linear:
+                elif isinstance(p, Partial) and reduce_op is not None:
                     accepted.append(p)
                     output.append(p)
                 else:
@@ -63,6 +63,6 @@ RULES: dict[str, StrategyRule] = {
     "aten.sum.dim_IntList": reduction_rule("sum"),
     "aten.mean.default": reduction_rule("avg"),
     "aten.mean.dim": reduction_rule("avg"),
-    "aten.amax.default": reduction_rule("max"),
-    "aten.amin.default": reduction_rule("min"),
+    "aten.amax.default": reduction_rule(None),
+    "aten.amin.default": reduction_rule(None),
 }
