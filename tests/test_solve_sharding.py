@@ -45,7 +45,8 @@ def test_gpt3_block_on_nvlink_is_megatron_tensor_parallel():
     assert params["blocks.0.attn.o_proj.weight"] == (R, Shard(1))
     (attention,) = [n for n in block if "scaled_dot_product" in graph.nodes[n].target]
     assert solution.node_inputs[attention][0] == (R, Shard(1))  # sharded by heads
-    # one all-reduce per sub-layer in forward: exactly the two row-parallel outputs are Partial
+    # one reduction per sub-layer in forward: exactly the two row-parallel outputs are Partial
+    # (reduced by an all-reduce, or by a reduce-scatter into a sequence-sharded residual)
     assert len(partial_outputs(solution, block)) == 2
     assert solution.num_variables > 0 and solution.solve_time_s < 30
 
