@@ -58,21 +58,8 @@ def cluster_from_file(cls: type[Cluster], path: str | os.PathLike[str]) -> Clust
 
 
 def cluster_from_dict(cls: type[Cluster], data: Mapping[str, Any]) -> Cluster:
-    """`Cluster.from_dict`: build a cluster of type `cls` from plain data (a parsed file).
-
-    Every field is optional given a base:
-
-    - `spec`: a spec string giving defaults for all fields (see `from_spec`);
-    - `num_hosts`, `devices_per_host`: integers;
-    - `device`: a device name (its datasheet links become the defaults too), or a mapping with
-      `name`, `memory_bytes` | `memory_gib`, `peak_flops_{fp32,bf16,fp16}` |
-      `peak_tflops_{fp32,bf16,fp16}`, `hbm_bandwidth` | `hbm_gb_s`, overriding the named
-      preset or the spec's device (all fields needed for a custom device without either);
-    - `intra_host_link`, `inter_host_link`: `bandwidth` (bytes/s) | `bandwidth_gb_s`
-      (GB/s) | `bandwidth_gbps` (Gbit/s), `latency` (s) | `latency_us`, and `collectives`:
-      {all_reduce: {alpha: s, beta: s/byte}, …} as fitted by `hap cluster probe`;
-    - `backend`: "nccl" or "gloo" (default: gloo for CPU devices, else nccl).
-    """
+    """`Cluster.from_dict`: build a cluster of type `cls` from plain data (a parsed file);
+    the accepted fields are listed in `Cluster.from_dict`."""
     if not isinstance(data, Mapping):
         raise _invalid(f"a cluster description is a mapping of fields, got {type(data).__name__}")
     _check_keys(data, _CLUSTER_KEYS, "cluster")
