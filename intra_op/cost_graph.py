@@ -33,6 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from hierarchical_ap.cluster import LogicalMesh
 from hierarchical_ap.cost_model import CostModel
@@ -53,11 +54,42 @@ that each device loads only its part of the batch."""
 
 @dataclass(frozen=True)
 class TrainingMemory:
-    """Bytes of training state per byte of parameter: fp32 Adam keeps one gradient and two
-    moments, so ``gradient_factor = 1`` and ``optimizer_factor = 2``."""
+    """Bytes of training state per byte of parameter (in the dtype the graph was captured in).
+
+    A parameter of ``w`` bytes costs ``w · (1 + gradient_factor + optimizer_factor)`` bytes:
+    fp32 Adam keeps one fp32 gradient and two fp32 moments (factors 1 and 2, 16 bytes per
+    parameter); see ``for_training`` for mixed precision.
+    """
 
     gradient_factor: float = 1.0
     optimizer_factor: float = 2.0
+
+    @classmethod
+    def for_training(
+        cls,
+        param_dtype: torch.dtype,
+        *,
+        optimizer: str = "adam",
+        fp32_gradients: bool = False,
+    ) -> TrainingMemory:
+        """The factors of a training recipe, counted as the ZeRO paper does.
+
+        With 16-bit weights (bf16/fp16) the optimizer keeps fp32 master weights: Adam adds
+        4 + 4 + 4 bytes to the 2-byte weight and 2-byte gradient, 16 bytes per parameter, or 18
+        when gradients accumulate in fp32 (Megatron-LM). With fp32 weights there is no master
+        copy: Adam is 4 + 4 + 4 + 4 = 16, SGD with momentum 12, plain SGD 8.
+        """
+        moments = {"adam": 2, "adamw": 2, "sgd-momentum": 1, "sgd": 0}
+        if optimizer not in moments:
+            raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(moments)}")
+        width = param_dtype.itemsize
+        gradient_bytes = 4 if fp32_gradients else width
+        master_bytes = 4 if width < 4 else 0
+        optimizer_bytes = master_bytes + 4 * moments[optimizer]
+        return cls(gradient_bytes / width, optimizer_bytes / width)
+
+    def bytes_per_parameter(self, param_dtype: torch.dtype) -> float:
+        return param_dtype.itemsize * (1 + self.gradient_factor + self.optimizer_factor)
 
 
 FP32_ADAM = TrainingMemory()
