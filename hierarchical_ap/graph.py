@@ -162,6 +162,20 @@ class OpGraph:
             return self.input_values[value].nbytes
         return self.param_shapes[self.value_to_param[value]].nbytes
 
+    def saved_roots(self, node_names: Iterable[str] | None = None) -> set[str]:
+        """Values whose storage autograd keeps for the given nodes, each at its root (views are
+        followed back to their base); parameters included."""
+        names = self.nodes.keys() if node_names is None else node_names
+        roots: set[str] = set()
+        for name in names:
+            node = self.nodes[name]
+            for saved in node.profile.saved:
+                if saved.kind == "input":
+                    roots.add(self.root_value(node.inputs[saved.index]))
+                elif saved.kind == "output":
+                    roots.add(self.root_value(name))
+        return roots
+
     def saved_activation_bytes(self, node_names: Iterable[str] | None = None) -> int:
         """Bytes autograd keeps alive between forward and backward for the given nodes.
 
@@ -169,17 +183,9 @@ class OpGraph:
         through a view) is counted at its root; parameters are not activations and are left out;
         internal buffers (masks, statistics) count per node.
         """
-        names = self.nodes.keys() if node_names is None else node_names
-        roots: set[str] = set()
-        internal = 0
-        for name in names:
-            node = self.nodes[name]
-            internal += node.profile.internal_saved_bytes
-            for saved in node.profile.saved:
-                if saved.kind == "input":
-                    roots.add(self.root_value(node.inputs[saved.index]))
-                elif saved.kind == "output":
-                    roots.add(self.root_value(name))
+        names = list(self.nodes if node_names is None else node_names)
+        internal = sum(self.nodes[name].profile.internal_saved_bytes for name in names)
+        roots = self.saved_roots(names)
         return internal + sum(self.value_bytes(r) for r in roots if r not in self.value_to_param)
 
     def layer_summary(self) -> list[dict[str, Any]]:

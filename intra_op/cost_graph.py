@@ -138,7 +138,7 @@ def build_cost_graph(
     selected = list(graph.nodes) if nodes is None else [n for n in graph.nodes if n in set(nodes)]
     ctx = StrategyContext(graph, mesh, cost)
     mesh_shape = tuple(mesh.shape)
-    saved_roots = _saved_roots(graph, selected)
+    saved_roots = graph.saved_roots(selected)
     builder = _ProblemBuilder(mesh, cost)
     choosers: dict[str, Chooser] = {}
     param_groups: dict[str, int] = {}
@@ -244,19 +244,6 @@ class _ProblemBuilder:
             self.costs[source.group] = self.costs[source.group] + np.diag(matrix)
         elif matrix.any():
             self.edges.append((source.group, consumer.group, matrix))
-
-
-def _saved_roots(graph: OpGraph, selected: Sequence[str]) -> set[str]:
-    """Values whose storage autograd keeps for the selected nodes (at their root)."""
-    roots: set[str] = set()
-    for name in selected:
-        node = graph.nodes[name]
-        for saved in node.profile.saved:
-            if saved.kind == "input":
-                roots.add(graph.root_value(node.inputs[saved.index]))
-            elif saved.kind == "output":
-                roots.add(graph.root_value(name))
-    return roots
 
 
 def _activation_bytes(
