@@ -93,8 +93,35 @@ class OpGraph:
     """Graph input value names of the loss targets, in pytree order."""
     capture_time_s: float
     has_loss: bool
+    batch_size: int | None = None
+    """Size of dim 0 of the model inputs, when they share one (the batch)."""
     _consumers: dict[str, list[str]] = field(default_factory=dict, repr=False)
     _fx_nodes: dict[str, fx.Node] | None = field(default=None, repr=False)
+    _rebuild: Callable[[int], OpGraph] | None = field(default=None, repr=False)
+    """Set on graphs captured with ``dynamic_batch=True``: re-derives the graph at a batch."""
+
+    @property
+    def batch_is_dynamic(self) -> bool:
+        """Whether ``at_batch`` can re-derive this graph at another batch size."""
+        return self._rebuild is not None
+
+    def at_batch(self, batch: int) -> OpGraph:
+        """The same program at another batch size, without tracing the model again.
+
+        Needs a graph captured with ``capture(..., dynamic_batch=True)``: its shapes are
+        expressions of one batch symbol, evaluated here at ``batch``; node profiles are
+        recomputed (memoised by signature, so a model of identical blocks costs a few replays).
+        """
+        if batch == self.batch_size:
+            return self
+        if self._rebuild is None:
+            raise ValueError(
+                "this graph was captured with a fixed batch size; capture it with "
+                "capture(..., dynamic_batch=True) to re-derive it at other batch sizes"
+            )
+        if batch < 1:
+            raise ValueError(f"batch must be a positive integer, got {batch}")
+        return self._rebuild(batch)
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -229,13 +256,18 @@ def capture(
     *,
     loss_fn: Callable[..., torch.Tensor] | None = None,
     targets: Any = None,
+    dynamic_batch: bool = False,
 ) -> OpGraph:
     """Capture ``model`` (and ``loss_fn(model(*example_inputs), targets)``) as an ``OpGraph``.
 
     ``example_inputs`` is a tuple of positional arguments or a dict of keyword arguments; their
     tensors may live on the meta device. With ``loss_fn``, the program ends in the scalar loss
-    (``loss_fn(output)`` when ``targets`` is None). Raises ``CaptureError`` naming the module and
-    source line when ``torch.export`` cannot trace the model.
+    (``loss_fn(output)`` when ``targets`` is None). With ``dynamic_batch``, dim 0 of every input
+    and target tensor is exported as one symbolic batch size, so that ``OpGraph.at_batch`` gives
+    the graph at any batch without tracing again (the planner tries several micro-batch sizes);
+    the example batch must then be at least 2 (export specialises sizes 0 and 1). Raises
+    ``CaptureError`` naming the module and source line when ``torch.export`` cannot trace the
+    model.
     """
     if isinstance(example_inputs, Mapping):
         args, kwargs = (), dict(example_inputs)
@@ -245,18 +277,27 @@ def capture(
         args, kwargs = (example_inputs,), {}
     program = _TrainingProgram(model, loss_fn)
     started = time.perf_counter()
+    dynamic_shapes = _batch_dynamic_shapes((args, kwargs, targets)) if dynamic_batch else None
     try:
-        exported = torch.export.export(program, (args, kwargs, targets), strict=False)
+        exported = torch.export.export(
+            program, (args, kwargs, targets), dynamic_shapes=dynamic_shapes, strict=False
+        )
     except Exception as exc:  # torch.export raises many types; all mean "cannot capture"
         raise _capture_error(model, exc) from exc
     num_model_inputs = len(pytree.tree_leaves((args, kwargs)))
     _inline_region_wrappers(exported.graph_module)
     _remove_identity_dropout(exported.graph_module)
-    graph = _build_op_graph(exported, model, num_model_inputs)
-    graph.capture_time_s = time.perf_counter() - started
     if loss_fn is not None:
         _check_scalar_loss(exported)
-        graph.has_loss = True
+    builder = _GraphBuilder(
+        exported,
+        canonical=_canonical_param_names(model),
+        trainable={name for name, p in model.named_parameters() if p.requires_grad},
+        num_model_inputs=num_model_inputs,
+        has_loss=loss_fn is not None,
+    )
+    graph = builder.build(builder.example_batch)
+    graph.capture_time_s = time.perf_counter() - started
     logger.info(
         "captured %d nodes in %d layers (%d distinct node signatures) in %.2f s",
         len(graph.nodes),
@@ -369,44 +410,114 @@ def _layer_of_path(path: str) -> str:
     return parts[0]
 
 
+def _batch_dynamic_shapes(inputs: Any) -> Any:
+    """``dynamic_shapes`` for export: dim 0 of every tensor leaf is one shared batch ``Dim``."""
+    batch = torch.export.Dim("batch")
+    return pytree.tree_map(
+        lambda leaf: {0: batch} if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 else None,
+        inputs,
+    )
+
+
+class _GraphBuilder:
+    """Builds ``OpGraph``s from one exported program, at its example batch or another one.
+
+    Shapes of a dynamic-batch export are sympy expressions of one batch symbol; they are
+    evaluated at the requested batch. The profiler is shared, so re-deriving the graph at a new
+    batch replays only the node signatures it has not seen.
+    """
+
+    def __init__(
+        self,
+        exported: torch.export.ExportedProgram,
+        *,
+        canonical: Mapping[str, str],
+        trainable: set[str],
+        num_model_inputs: int,
+        has_loss: bool,
+    ) -> None:
+        self.exported = exported
+        self.canonical = canonical
+        self.trainable = trainable
+        self.num_model_inputs = num_model_inputs
+        self.has_loss = has_loss
+        self.profiler = SymbolicProfiler()
+        user_inputs = [n for n in exported.graph_signature.user_inputs if isinstance(n, str)]
+        placeholders = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
+        batch_sizes = [
+            placeholders[name].meta["val"].shape[0]
+            for name in user_inputs
+            if isinstance(placeholders[name].meta.get("val"), torch.Tensor)
+            and placeholders[name].meta["val"].dim() > 0
+        ]
+        symbols = {
+            free
+            for size in batch_sizes
+            if isinstance(size, torch.SymInt)
+            for free in size.node.expr.free_symbols
+        }
+        self.symbol = symbols.pop() if len(symbols) == 1 else None
+        hints = {
+            size.node.hint if isinstance(size, torch.SymInt) else int(size) for size in batch_sizes
+        }
+        self.example_batch = hints.pop() if len(hints) == 1 else None
+
+    def build(self, batch: int | None) -> OpGraph:
+        sizes = {self.symbol: batch} if self.symbol is not None else {}
+
+        def concrete(size: Any) -> int:
+            if isinstance(size, torch.SymInt):
+                return int(size.node.expr.xreplace(sizes))
+            return int(size)
+
+        graph = _build_op_graph(self.exported, self, concrete)
+        graph.batch_size = batch
+        graph.has_loss = self.has_loss
+        if self.symbol is not None:
+            graph._rebuild = self.build
+        return graph
+
+
 def _build_op_graph(
-    exported: torch.export.ExportedProgram, model: nn.Module, num_model_inputs: int
+    exported: torch.export.ExportedProgram,
+    builder: _GraphBuilder,
+    concrete: Callable[[Any], int],
 ) -> OpGraph:
     signature = exported.graph_signature
     user_inputs = [name for name in signature.user_inputs if isinstance(name, str)]
-    canonical = _canonical_param_names(model)
     value_to_param = {
-        name: canonical.get(_strip_model_prefix(fqn), _strip_model_prefix(fqn))
+        name: builder.canonical.get(_strip_model_prefix(fqn), _strip_model_prefix(fqn))
         for name, fqn in signature.inputs_to_parameters.items()
     }
-    requires_grad_params = {name for name, p in model.named_parameters() if p.requires_grad}
 
     param_shapes: dict[str, TensorMeta] = {}
     input_values: dict[str, TensorMeta] = {}
     requires_grad: dict[str, bool] = {}
-    profiler = SymbolicProfiler()
     nodes: dict[str, OpNode] = {}
     consumers: dict[str, list[str]] = {}
 
     for node in exported.graph.nodes:
+        val = node.meta.get("val")
         if node.op == "placeholder":
-            val = node.meta.get("val")
             if not isinstance(val, torch.Tensor):
                 continue
-            meta = TensorMeta.of(val)
+            meta = TensorMeta.of(val, concrete)
             if node.name in value_to_param:
                 fqn = value_to_param[node.name]
                 param_shapes.setdefault(fqn, meta)
-                requires_grad[node.name] = fqn in requires_grad_params
+                requires_grad[node.name] = fqn in builder.trainable
             else:
                 input_values[node.name] = meta
                 requires_grad[node.name] = False
-        elif node.op == "call_function":
-            nodes[node.name] = _build_node(node, value_to_param, requires_grad, profiler, nodes)
+        elif node.op == "call_function" and not isinstance(val, (torch.SymInt, int)):
+            nodes[node.name] = _build_node(
+                node, value_to_param, requires_grad, builder.profiler, nodes, concrete
+            )
             for value in nodes[node.name].inputs:
                 consumers.setdefault(value, []).append(node.name)
 
     layers = _assign_layers(nodes, consumers)
+    num_model_inputs = builder.num_model_inputs
     graph = OpGraph(
         exported=exported,
         nodes=nodes,
@@ -422,7 +533,7 @@ def _build_op_graph(
     )
     for layer in layers:
         layer.structural_hash = _structural_hash(graph, layer)
-    logger.debug("profiled %d distinct node signatures", profiler.distinct_signatures)
+    logger.debug("profiled %d distinct node signatures", builder.profiler.distinct_signatures)
     return graph
 
 
@@ -435,20 +546,24 @@ def _canonical_param_names(model: nn.Module) -> dict[str, str]:
     return canonical
 
 
-def _to_meta(value: Any) -> Any:
+def _to_meta(value: Any, concrete: Callable[[Any], int]) -> Any:
     """Replace fx nodes in an argument structure by the ``TensorMeta`` of their value.
 
     Devices become ``cpu``: the profiler replays every node on fake CPU tensors, whatever device
-    (often ``meta``) the model was captured on.
+    (often ``meta``) the model was captured on. Symbolic sizes become ``concrete`` integers.
     """
 
     def convert(leaf: Any) -> Any:
         if isinstance(leaf, torch.device):
             return torch.device("cpu")
+        if isinstance(leaf, torch.SymInt):
+            return concrete(leaf)
         if isinstance(leaf, fx.Node):
             val = leaf.meta.get("val")
             if isinstance(val, torch.Tensor):
-                return TensorMeta.of(val)
+                return TensorMeta.of(val, concrete)
+            if isinstance(val, torch.SymInt):
+                return concrete(val)
             return val
         return leaf
 
@@ -461,10 +576,11 @@ def _build_node(
     requires_grad: dict[str, bool],
     profiler: SymbolicProfiler,
     nodes: Mapping[str, OpNode],
+    concrete: Callable[[Any], int],
 ) -> OpNode:
     val = node.meta.get("val")
     outputs = tuple(
-        TensorMeta.of(t) for t in pytree.tree_leaves(val) if isinstance(t, torch.Tensor)
+        TensorMeta.of(t, concrete) for t in pytree.tree_leaves(val) if isinstance(t, torch.Tensor)
     )
     if node.target is operator.getitem:
         return _build_getitem(node, outputs, requires_grad, nodes)
@@ -478,7 +594,10 @@ def _build_node(
     needs_grad = any(input_requires_grad) and any(m.dtype.is_floating_point for m in outputs)
     requires_grad[node.name] = needs_grad
     profile = profiler.profile(
-        node.target, _to_meta(node.args), _to_meta(node.kwargs), input_requires_grad
+        node.target,
+        _to_meta(node.args, concrete),
+        _to_meta(node.kwargs, concrete),
+        input_requires_grad,
     )
     alias_of = None
     if profile.output_aliases_input is not None:

@@ -49,10 +49,11 @@ class TensorMeta:
         return self.numel * self.dtype.itemsize
 
     @classmethod
-    def of(cls, tensor: torch.Tensor) -> TensorMeta:
+    def of(cls, tensor: torch.Tensor, concrete: Callable[[Any], int] = int) -> TensorMeta:
+        """The meta of ``tensor``; ``concrete`` turns symbolic sizes into integers."""
         return cls(
-            tuple(int(s) for s in tensor.shape),
-            tuple(int(s) for s in tensor.stride()),
+            tuple(concrete(s) for s in tensor.shape),
+            tuple(concrete(s) for s in tensor.stride()),
             tensor.dtype,
         )
 

@@ -189,3 +189,43 @@ def test_loss_fn_without_targets():
     graph = capture(model, (torch.randn(3, 8),), loss_fn=lambda out: F.relu(out).mean())
     assert graph.has_loss
     assert graph.train_flops > 0
+
+
+@pytest.mark.parametrize("spec", ["gpt-tiny", "llama-tiny"])
+def test_dynamic_batch_graph_equals_a_capture_at_that_batch(spec):
+    from hierarchical_ap.models import from_spec
+
+    small = from_spec(spec, batch=2, seq=16)
+    dynamic = capture(
+        small.model,
+        small.example_inputs,
+        loss_fn=small.loss_fn,
+        targets=small.targets,
+        dynamic_batch=True,
+    )
+    large = from_spec(spec, batch=8, seq=16)
+    static = capture(
+        large.model, large.example_inputs, loss_fn=large.loss_fn, targets=large.targets
+    )
+    rebatched = dynamic.at_batch(8)
+
+    assert dynamic.batch_size == 2 and rebatched.batch_size == 8
+    assert list(rebatched.nodes) == list(static.nodes)
+    for name, node in static.nodes.items():
+        assert rebatched.nodes[name].outputs == node.outputs, name
+        assert rebatched.nodes[name].profile == node.profile, name
+    assert rebatched.input_values == static.input_values
+    assert rebatched.train_flops == static.train_flops == 4 * dynamic.train_flops
+    assert [lay.structural_hash for lay in rebatched.layers] == [
+        lay.structural_hash for lay in static.layers
+    ]
+
+
+def test_at_batch_needs_a_dynamic_capture():
+    model = MLP()
+    graph = capture(
+        model, (torch.randn(4, 32),), loss_fn=class_loss, targets=torch.zeros(4, dtype=torch.long)
+    )
+    assert graph.at_batch(4) is graph
+    with pytest.raises(ValueError, match="dynamic_batch=True"):
+        graph.at_batch(8)
