@@ -24,6 +24,16 @@ all-reduce of a column-parallel layer, depending on the choices.
 
 A node that follows one of its inputs shares that producer's decision group; resharding
 between members of one group is added to the group's cost on the diagonal.
+
+Gradient accumulation: with ``num_microbatches = B``, the problem prices one micro-batch. A
+replicated parameter's gradient is accumulated locally and synchronised once per step, so its
+backward edge term is charged ``1/B`` per micro-batch; a sharded (ZeRO) parameter's gradient is
+reduce-scattered every micro-batch (as FSDP and DeepSpeed ZeRO do), so it is charged in full.
+
+``CostGraph.breakdown`` splits a chosen assignment's cost into what the outer planner needs:
+the forward share of the time (what full recomputation repeats), the gradient synchronisation
+per step, and memory as training state (parameters, gradients, optimizer) versus activations
+kept per micro-batch.
 """
 
 from __future__ import annotations
@@ -107,6 +117,22 @@ class Chooser:
     """``"param"``, ``"input"`` (graph input or value from outside the sub-graph) or ``"node"``."""
 
 
+@dataclass(frozen=True)
+class CostBreakdown:
+    """What one assignment of a ``CostGraph`` costs, split the way the outer planner needs."""
+
+    time_s: float
+    """Forward + backward time of one micro-batch, gradient sync amortised (the ILP objective)."""
+    forward_time_s: float
+    """The forward pass alone: compute, intrinsic collectives and forward resharding."""
+    gradient_sync_s: float
+    """Gradient synchronisation of replicated parameters, once per step (not amortised)."""
+    state_bytes: float
+    """Parameters, gradients and optimizer states per device."""
+    activation_bytes: float
+    """Activations (and inputs) kept for backward per device, for one micro-batch."""
+
+
 @dataclass
 class CostGraph:
     """The ILP's view of a graph: choosers, and per decision group its members."""
@@ -114,6 +140,29 @@ class CostGraph:
     choosers: dict[str, Chooser]
     problem: ShardingProblem
     groups: list[list[str]] = field(default_factory=list)
+    forward_costs: list[np.ndarray] = field(default_factory=list)
+    forward_edges: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
+    sync_edges: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
+    state_groups: frozenset[int] = frozenset()
+
+    def breakdown(self, choice: Sequence[int]) -> CostBreakdown:
+        """Time and memory of the assignment ``choice`` (one index per decision group)."""
+
+        def edge_sum(edges: list[tuple[int, int, np.ndarray]]) -> float:
+            return sum(float(matrix[choice[u], choice[w]]) for u, w, matrix in edges)
+
+        problem = self.problem
+        time_s = sum(float(c[i]) for c, i in zip(problem.costs, choice, strict=True))
+        memory = [float(m[i]) for m, i in zip(problem.memory, choice, strict=True)]
+        state = sum(memory[g] for g in self.state_groups)
+        return CostBreakdown(
+            time_s=time_s + edge_sum(problem.edges),
+            forward_time_s=sum(float(c[i]) for c, i in zip(self.forward_costs, choice, strict=True))
+            + edge_sum(self.forward_edges),
+            gradient_sync_s=edge_sum(self.sync_edges),
+            state_bytes=state,
+            activation_bytes=sum(memory) - state,
+        )
 
 
 def candidate_placements(meta: TensorMeta, mesh_shape: Sequence[int]) -> list[Placements]:
@@ -133,13 +182,17 @@ def build_cost_graph(
     nodes: Iterable[str] | None = None,
     memory_budget_bytes: float | None = None,
     training_memory: TrainingMemory = FP32_ADAM,
+    num_microbatches: int = 1,
 ) -> CostGraph:
-    """Build the ILP of ``graph`` (or of the sub-graph made of ``nodes``) on ``mesh``."""
+    """Build the ILP of ``graph`` (or of the sub-graph made of ``nodes``) on ``mesh``, pricing
+    one of ``num_microbatches`` micro-batches of a step."""
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be at least 1, got {num_microbatches}")
     selected = list(graph.nodes) if nodes is None else [n for n in graph.nodes if n in set(nodes)]
     ctx = StrategyContext(graph, mesh, cost)
     mesh_shape = tuple(mesh.shape)
     saved_roots = graph.saved_roots(selected)
-    builder = _ProblemBuilder(mesh, cost)
+    builder = _ProblemBuilder(mesh, cost, num_microbatches)
     choosers: dict[str, Chooser] = {}
     param_groups: dict[str, int] = {}
 
@@ -160,6 +213,7 @@ def build_cost_graph(
                     np.array([TIE_BREAK_S * (shard_factor(p, mesh_shape) > 1) for p in outputs]),
                     np.array([state / shard_factor(p, mesh_shape) for p in outputs]),
                 )
+                builder.state_groups.add(group)
                 param_groups[fqn] = group
             chooser = Chooser(value, group, outputs, kind="param")
         else:
@@ -179,6 +233,9 @@ def build_cost_graph(
             [_activation_bytes(graph, name, s, saved_roots, mesh_shape) for s in strategies]
         )
         own = np.array([s.compute_time_s + s.comm_time_s for s in strategies])
+        forward = np.array(
+            [ctx.forward_time(node, s.work_split) + s.comm_time_s for s in strategies]
+        )
         if result.follows_input is not None:
             leader = inputs[result.follows_input]
             if len(strategies) != len(leader.outputs):
@@ -187,9 +244,9 @@ def build_cost_graph(
                     f"{len(strategies)} strategies for {len(leader.outputs)} producer placements"
                 )
             group = leader.group
-            builder.add_to_group(group, own, memory)
+            builder.add_to_group(group, own, memory, forward)
         else:
-            group = builder.new_group(own, memory)
+            group = builder.new_group(own, memory, forward)
         builder.members[group].append(name)
         chooser = Chooser(name, group, [s.output for s in strategies], strategies)
         choosers[name] = chooser
@@ -197,53 +254,90 @@ def build_cost_graph(
             builder.add_edge(graph, source, chooser, index)
 
     problem = ShardingProblem(builder.costs, builder.memory, builder.edges, memory_budget_bytes)
-    return CostGraph(choosers, problem, builder.members)
+    return CostGraph(
+        choosers,
+        problem,
+        builder.members,
+        forward_costs=builder.forward_costs,
+        forward_edges=builder.forward_edges,
+        sync_edges=builder.sync_edges,
+        state_groups=frozenset(builder.state_groups),
+    )
 
 
 class _ProblemBuilder:
-    """Accumulates group cost / memory vectors and edge matrices."""
+    """Accumulates group cost / memory vectors and edge matrices (and their forward and
+    gradient-sync parts, for ``CostGraph.breakdown``)."""
 
-    def __init__(self, mesh: LogicalMesh, cost: CostModel) -> None:
+    def __init__(self, mesh: LogicalMesh, cost: CostModel, num_microbatches: int) -> None:
         self.mesh = mesh
         self.cost = cost
+        self.num_microbatches = num_microbatches
         self.costs: list[np.ndarray] = []
         self.memory: list[np.ndarray] = []
+        self.forward_costs: list[np.ndarray] = []
         self.edges: list[tuple[int, int, np.ndarray]] = []
+        self.forward_edges: list[tuple[int, int, np.ndarray]] = []
+        self.sync_edges: list[tuple[int, int, np.ndarray]] = []
         self.members: list[list[str]] = []
+        self.state_groups: set[int] = set()
 
-    def new_group(self, costs: np.ndarray, memory: np.ndarray) -> int:
+    def new_group(
+        self, costs: np.ndarray, memory: np.ndarray, forward: np.ndarray | None = None
+    ) -> int:
         self.costs.append(np.asarray(costs, dtype=float))
         self.memory.append(np.asarray(memory, dtype=float))
+        self.forward_costs.append(
+            np.zeros(len(self.costs[-1])) if forward is None else np.asarray(forward, dtype=float)
+        )
         self.members.append([])
         return len(self.costs) - 1
 
-    def add_to_group(self, group: int, costs: np.ndarray, memory: np.ndarray) -> None:
+    def add_to_group(
+        self, group: int, costs: np.ndarray, memory: np.ndarray, forward: np.ndarray
+    ) -> None:
         self.costs[group] = self.costs[group] + costs
         self.memory[group] = self.memory[group] + memory
+        self.forward_costs[group] = self.forward_costs[group] + forward
 
     def add_edge(self, graph: OpGraph, source: Chooser, consumer: Chooser, index: int) -> None:
         meta = graph.value_meta(source.name)
-        regather = 2.0 if source.kind == "param" else 1.0
+        is_param = source.kind == "param"
+        regather = 2.0 if is_param else 1.0
         needs_grad = (
-            source.kind == "param"
+            is_param
             or graph.nodes.get(source.name) is not None
             and graph.nodes[source.name].requires_grad
         )
+        mesh_shape = tuple(self.mesh.shape)
         assert consumer.strategies is not None
-        matrix = np.empty((len(source.outputs), len(consumer.strategies)))
+        shape = (len(source.outputs), len(consumer.strategies))
+        forward, backward, sync = np.zeros(shape), np.zeros(shape), np.zeros(shape)
         for i, out in enumerate(source.outputs):
             grad_target = gradient_placements(out)
+            once_per_step = is_param and shard_factor(out, mesh_shape) == 1
             for j, strategy in enumerate(consumer.strategies):
-                want = strategy.inputs[index]
-                seconds = regather * reshard_time(meta, out, want, self.mesh, self.cost)
+                forward[i, j] = reshard_time(
+                    meta, out, strategy.inputs[index], self.mesh, self.cost
+                )
                 grad = strategy.input_grads[index]
                 if needs_grad and grad is not None:
-                    seconds += reshard_time(meta, grad, grad_target, self.mesh, self.cost)
-                matrix[i, j] = seconds
+                    seconds = reshard_time(meta, grad, grad_target, self.mesh, self.cost)
+                    if once_per_step:
+                        sync[i, j] = seconds
+                        seconds /= self.num_microbatches
+                    backward[i, j] = seconds
+        matrix = regather * forward + backward
         if source.group == consumer.group:
             self.costs[source.group] = self.costs[source.group] + np.diag(matrix)
-        elif matrix.any():
+            self.forward_costs[source.group] = self.forward_costs[source.group] + np.diag(forward)
+            return
+        if matrix.any():
             self.edges.append((source.group, consumer.group, matrix))
+        if forward.any():
+            self.forward_edges.append((source.group, consumer.group, forward))
+        if sync.any():
+            self.sync_edges.append((source.group, consumer.group, sync))
 
 
 def _activation_bytes(

@@ -35,6 +35,14 @@ class ShardingSolution:
     num_constraints: int = 0
     solve_time_s: float = 0.0
     solver: str = ""
+    forward_time_s: float = 0.0
+    """The forward share of ``cost_s`` (what full recomputation runs again)."""
+    gradient_sync_s: float = 0.0
+    """Synchronisation of replicated parameters' gradients, once per step."""
+    state_bytes_per_device: float = 0.0
+    """Parameters, gradients and optimizer states (part of ``memory_bytes_per_device``)."""
+    activation_bytes_per_device: float = 0.0
+    """Activations kept for backward, one micro-batch (the rest of ``memory_bytes_per_device``)."""
 
     def describe_params(self) -> dict[str, str]:
         """Parameter FQN → compact placement string (``S0R``…)."""

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import replace
 
 from hierarchical_ap.cluster import Cluster, LogicalMesh
 from hierarchical_ap.cost_model import CostModel
 from hierarchical_ap.errors import NoFeasiblePlanError
 from hierarchical_ap.graph import OpGraph
 from intra_op.cost_graph import FP32_ADAM, TrainingMemory, build_cost_graph
-from intra_op.ilp import InfeasibleError, solve
+from intra_op.ilp import InfeasibleError, minimum_memory, solve
 from intra_op.solution import ShardingSolution
 
 logger = logging.getLogger(__name__)
@@ -27,13 +28,18 @@ def solve_sharding(
     training_memory: TrainingMemory = FP32_ADAM,
     time_limit_s: float = 60.0,
     solver: str = "highs",
+    num_microbatches: int = 1,
+    lean: bool = False,
 ) -> ShardingSolution:
     """The cheapest placement of every parameter, input and node of ``graph`` on ``mesh``.
 
-    Minimises forward + backward compute, communication and resharding time of one training
-    step of the (sub)graph (``nodes``: solve only these, values from outside are inputs),
-    subject to ``memory_budget_bytes`` per device for parameters, gradients, optimizer states
-    and saved activations. Raises ``NoFeasiblePlanError`` when nothing fits.
+    Minimises forward + backward compute, communication and resharding time of one micro-batch
+    of the (sub)graph (``nodes``: solve only these, values from outside are inputs), with
+    gradients synchronised once per ``num_microbatches``, subject to ``memory_budget_bytes``
+    per device for parameters, gradients, optimizer states and saved activations. ``lean``
+    instead bounds memory by the least any assignment needs (+1 %): the fastest of the
+    smallest plans, which the outer planner keeps for stages that are short of memory.
+    Raises ``NoFeasiblePlanError`` when nothing fits.
     """
     cost = cost_model or CostModel.for_cluster(cluster)
     cost_graph = build_cost_graph(
@@ -43,7 +49,14 @@ def solve_sharding(
         nodes=nodes,
         memory_budget_bytes=memory_budget_bytes,
         training_memory=training_memory,
+        num_microbatches=num_microbatches,
     )
+    if lean:
+        least = minimum_memory(cost_graph.problem) * 1.01
+        budget = cost_graph.problem.memory_budget
+        cost_graph.problem = replace(
+            cost_graph.problem, memory_budget=least if budget is None else min(budget, least)
+        )
     try:
         result = solve(cost_graph.problem, time_limit_s=time_limit_s, solver=solver)
     except InfeasibleError as exc:
@@ -52,6 +65,7 @@ def solve_sharding(
             "use more devices, a larger memory budget, or a smaller batch"
         ) from exc
 
+    breakdown = cost_graph.breakdown(result.choice)
     solution = ShardingSolution(
         mesh_shape=tuple(mesh.shape),
         param_placements={},
@@ -64,6 +78,10 @@ def solve_sharding(
         num_constraints=result.num_constraints,
         solve_time_s=result.solve_time_s,
         solver=result.solver,
+        forward_time_s=breakdown.forward_time_s,
+        gradient_sync_s=breakdown.gradient_sync_s,
+        state_bytes_per_device=breakdown.state_bytes,
+        activation_bytes_per_device=breakdown.activation_bytes,
     )
     for name, chooser in cost_graph.choosers.items():
         index = result.choice[chooser.group]

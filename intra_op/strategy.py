@@ -78,13 +78,21 @@ class StrategyContext:
         profile = node.profile
         dtype = node.outputs[0].dtype if node.outputs else torch.float32
         device = self.mesh.submesh.cluster.device
-        forward = self.cost.op_time(
-            profile.forward_flops / work_split, profile.forward_bytes / work_split, device, dtype
-        )
         backward = self.cost.op_time(
             profile.backward_flops / work_split, profile.backward_bytes / work_split, device, dtype
         )
-        return forward + backward
+        return self.forward_time(node, work_split) + backward
+
+    def forward_time(self, node: OpNode, work_split: int) -> float:
+        """Forward roofline time of ``node`` with its work split ``work_split`` ways."""
+        profile = node.profile
+        dtype = node.outputs[0].dtype if node.outputs else torch.float32
+        return self.cost.op_time(
+            profile.forward_flops / work_split,
+            profile.forward_bytes / work_split,
+            self.mesh.submesh.cluster.device,
+            dtype,
+        )
 
     def strategy(
         self,
