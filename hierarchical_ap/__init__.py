@@ -6,6 +6,7 @@ from hierarchical_ap.errors import (
     HapError,
     ModelSpecError,
     NoFeasiblePlanError,
+    PlanError,
 )
 from hierarchical_ap.graph import OpGraph, capture
 
@@ -16,6 +17,7 @@ __all__ = [
     "ModelSpecError",
     "NoFeasiblePlanError",
     "OpGraph",
+    "PlanError",
     "capture",
 ]
 __version__ = "0.1.0"

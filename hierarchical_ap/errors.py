@@ -25,3 +25,7 @@ class CaptureError(HapError):
 
 class NoFeasiblePlanError(HapError):
     """No parallel plan fits in device memory."""
+
+
+class PlanError(HapError, ValueError):
+    """A parallel plan (file) that is malformed, inconsistent or made for another model or cluster."""
