@@ -8,10 +8,12 @@ import sys
 from collections.abc import Sequence
 
 from hierarchical_ap.commands import cluster as cluster_command
+from hierarchical_ap.commands import plan as plan_command
 from hierarchical_ap.commands import profile as profile_command
+from hierarchical_ap.commands import simulate as simulate_command
 from hierarchical_ap.errors import HapError
 
-COMMANDS = (profile_command, cluster_command)
+COMMANDS = (profile_command, plan_command, simulate_command, cluster_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,10 @@ in increasing order and stops once ``B · t_max`` cannot beat the best plan foun
 pruning); candidates closer than ``epsilon`` to the previous one are skipped.
 
 ``solve_reference`` is the same recurrence in plain Python, kept to test the Numba kernel.
+With ``relative_epsilon`` the candidates closer than that fraction of the previous one are
+skipped too, which bounds the loss by ``B · relative_epsilon · t_max`` and keeps the number of
+kernel runs small when the table has many distinct stage times. ``num_stages`` fixes the
+number of stages (``hap plan --pp``).
 """
 
 from __future__ import annotations
@@ -86,6 +90,8 @@ def solve(
     num_microbatches: int,
     *,
     epsilon: float = 1e-9,
+    relative_epsilon: float = 0.0,
+    num_stages: int | None = None,
 ) -> StagePlan | None:
     """Minimise Eq. 2 with the Numba kernel; ``None`` when no slicing fits."""
     return _search(
@@ -96,6 +102,8 @@ def solve(
         num_microbatches,
         epsilon,
         _stage_dp_kernel,
+        relative_epsilon,
+        num_stages,
     )
 
 
@@ -107,6 +115,8 @@ def solve_reference(
     num_microbatches: int,
     *,
     epsilon: float = 1e-9,
+    relative_epsilon: float = 0.0,
+    num_stages: int | None = None,
 ) -> StagePlan | None:
     """The same search with the recurrence in plain Python (for tests)."""
     return _search(
@@ -117,10 +127,22 @@ def solve_reference(
         num_microbatches,
         epsilon,
         _stage_dp_python,
+        relative_epsilon,
+        num_stages,
     )
 
 
-def _search(stage_time, max_succ, submesh_devices, num_devices, num_microbatches, epsilon, kernel):
+def _search(
+    stage_time,
+    max_succ,
+    submesh_devices,
+    num_devices,
+    num_microbatches,
+    epsilon,
+    kernel,
+    relative_epsilon=0.0,
+    num_stages=None,
+):
     stage_time = np.asarray(stage_time, dtype=np.float64)
     max_succ = np.asarray(max_succ, dtype=np.int64)
     submesh_devices = np.asarray(submesh_devices, dtype=np.int64)
@@ -130,12 +152,14 @@ def _search(stage_time, max_succ, submesh_devices, num_devices, num_microbatches
     for t_max in finite:
         if best is not None and num_microbatches * t_max >= best.step_time:
             break
-        if t_max - previous < epsilon:
+        if t_max - previous < max(epsilon, relative_epsilon * previous):
             continue
         previous = t_max
         f, ends, meshes = kernel(stage_time, max_succ, submesh_devices, num_devices, float(t_max))
         column = f[:, 0, num_devices]
-        s = int(np.argmin(column))
+        s = int(np.argmin(column)) if num_stages is None else num_stages
+        if s >= len(column):
+            return None
         if not np.isfinite(column[s]):
             continue
         stages = _backtrack(ends, meshes, s, num_devices, submesh_devices)

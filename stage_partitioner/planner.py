@@ -1,0 +1,403 @@
+"""The outer pass: search stage slicings, submeshes, micro-batching and schedules.
+
+``plan_parallel`` searches, for each candidate global micro-batch size ``b`` (``B = batch / b``
+micro-batches):
+
+1. **Alpa's DP** (``stage_partitioner.dp``) over the coarse planning layers and every submesh
+   of the submesh space, minimising ``Σ t_i + (B − 1)·max t_i`` under 1F1B memory limits, with
+   each stage's option (logical mesh, memory level of its shardings, recomputation) taken from its
+   Pareto front (``stage_partitioner.search``);
+2. **uniform slicings** over the fine layers (one per block): ``p`` equal stages on equal
+   submeshes, with 1F1B or interleaved 1F1B (``v`` chunks per rank), each option, screened
+   with the closed forms ``Σ t + (B − 1)·max t`` and ``(Σ t + (v·B − 1)·max t)/v`` — the
+   interleaved schedule is not expressible in Eq. 2, and Megatron-style configurations live
+   here.
+
+The best few of each are simulated (``stage_partitioner.simulator``: event timeline, transfers,
+gradient sync, exact in-flight memory), and the fastest that fits the memory budget becomes
+the ``ParallelPlan``. The ILPs behind every table are solved once per (part kind, mesh, b,
+memory level) in parallel worker processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hierarchical_ap.cluster import Cluster
+from hierarchical_ap.cost_model import CostModel
+from hierarchical_ap.errors import NoFeasiblePlanError
+from hierarchical_ap.graph import OpGraph
+from hierarchical_ap.plan import ParallelPlan, PlanLayer, PlanStage, model_fingerprint
+from intra_op.cost_graph import TrainingMemory
+from stage_partitioner import dp
+from stage_partitioner.layers import PlanningLayer, planning_layers
+from stage_partitioner.search import dp_arrays
+from stage_partitioner.simulator import Candidate, Simulation, Simulator
+from stage_partitioner.stage_costs import (
+    MeshChoice,
+    PartSolver,
+    build_table,
+    layer_prefix,
+    logical_meshes,
+    part_tasks,
+    submesh_space,
+)
+from stage_partitioner.submeshes import place_submeshes
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+"""``progress(phase, done, total)``."""
+
+
+@dataclass(frozen=True)
+class PlannerOptions:
+    """What the search may choose; ``None`` leaves it to the search."""
+
+    global_batch: int
+    memory_fraction: float = 0.9
+    num_stages: int | None = None
+    microbatch_sizes: Sequence[int] | None = None
+    max_microbatch_candidates: int = 4
+    max_layers: int = 32
+    schedules: tuple[str, ...] = ("1f1b", "interleaved")
+    simulate_top: int = 3
+    relative_epsilon: float = 0.005
+    workers: int | None = None
+    time_limit_s: float = 30.0
+
+
+@dataclass
+class PlanningContext:
+    """Everything the search shares: graph, cluster, costs, solver and simulator."""
+
+    graph: OpGraph
+    cluster: Cluster
+    options: PlannerOptions
+    training_memory: TrainingMemory
+    cost_model: CostModel
+    solver: PartSolver = field(init=False)
+    simulator: Simulator = field(init=False)
+
+    def __post_init__(self) -> None:
+        batch = self.options.global_batch
+        self.solver = PartSolver(
+            self.graph,
+            self.cluster,
+            cost_model=self.cost_model,
+            training_memory=self.training_memory,
+            num_microbatches_of=lambda b: batch // b,
+            device_budget=self.budget,
+            workers=self.options.workers,
+            time_limit_s=self.options.time_limit_s,
+        )
+        self.simulator = Simulator(self.graph, self.cluster, self.solver)
+
+    @property
+    def budget(self) -> float:
+        return self.cluster.device.memory_bytes * self.options.memory_fraction
+
+    def meshes(self, microbatch: int) -> list[MeshChoice]:
+        per_host = self.cluster.devices_per_host
+        return [
+            MeshChoice(submesh, logical)
+            for submesh in submesh_space(self.cluster.num_hosts, per_host)
+            for logical in logical_meshes(submesh, per_host, microbatch)
+        ]
+
+
+def plan_parallel(
+    graph: OpGraph,
+    cluster: Cluster,
+    options: PlannerOptions,
+    *,
+    training_memory: TrainingMemory,
+    model_name: str = "model",
+    precision: str = "fp32",
+    cost_model: CostModel | None = None,
+    progress: Progress | None = None,
+) -> tuple[ParallelPlan, Simulation]:
+    """Search the best plan (see the module docstring). ``graph`` must have a dynamic batch."""
+    context = PlanningContext(
+        graph, cluster, options, training_memory, cost_model or CostModel.for_cluster(cluster)
+    )
+    return plan_in_context(context, model_name=model_name, precision=precision, progress=progress)
+
+
+def plan_in_context(
+    context: PlanningContext,
+    *,
+    model_name: str = "model",
+    precision: str = "fp32",
+    progress: Progress | None = None,
+) -> tuple[ParallelPlan, Simulation]:
+    """``plan_parallel`` with a prepared context (its solver cache is reused by later calls)."""
+    started = time.perf_counter()
+    graph, cluster, options = context.graph, context.cluster, context.options
+    _check_inputs(graph, cluster, options)
+    coarse = tuple(planning_layers(graph, max_layers=options.max_layers))
+    fine = tuple(planning_layers(graph, max_layers=max(len(graph.layers), 1)))
+    microbatches = microbatch_candidates(cluster, options, len(coarse))
+    tasks = [task for b in microbatches for task in part_tasks(coarse, b, context.meshes(b))]
+    context.solver.solve_all(
+        tasks, (lambda done, total: progress("sharding ILPs", done, total)) if progress else None
+    )
+    candidates: list[Candidate] = []
+    for index, b in enumerate(microbatches):
+        if progress:
+            progress("stage DP", index, len(microbatches))
+        candidates += _dp_candidates(context, coarse, b)
+        candidates += _uniform_candidates(context, fine, b)
+    if progress:
+        progress("stage DP", len(microbatches), len(microbatches))
+    best = _best_simulated(context, candidates, progress)
+    if best is None:
+        raise _no_plan_error(context, candidates)
+    candidate, simulation = best
+    plan = to_parallel_plan(
+        candidate,
+        simulation,
+        graph,
+        cluster,
+        context.solver,
+        model_name=model_name,
+        precision=precision,
+        planning_time_s=time.perf_counter() - started,
+    )
+    return plan, simulation
+
+
+def microbatch_candidates(cluster: Cluster, options: PlannerOptions, num_layers: int) -> list[int]:
+    """Global micro-batch sizes to try: divisors ``b`` of the batch from the smallest that can
+    fill the cluster with at most one stage per layer (``b ≥ devices / (M · L)``), or with
+    ``num_stages`` stages when it is fixed; the first few of them."""
+    if options.microbatch_sizes:
+        return sorted(set(options.microbatch_sizes))
+    stages = options.num_stages or num_layers
+    smallest = max(1, math.ceil(cluster.num_devices / (cluster.devices_per_host * stages)))
+    divisors = [b for b in range(1, options.global_batch + 1) if options.global_batch % b == 0]
+    chosen = [b for b in divisors if b >= smallest][: options.max_microbatch_candidates]
+    return chosen or divisors[-1:]
+
+
+def _dp_candidates(
+    context: PlanningContext, layers: tuple[PlanningLayer, ...], b: int
+) -> list[Candidate]:
+    cluster, options = context.cluster, context.options
+    num_microbatches = options.global_batch // b
+    table = build_table(context.solver, list(layers), b, context.meshes(b))
+    unit = cluster.devices_per_host if cluster.num_hosts > 16 else 1
+    arrays = dp_arrays(table, context.budget, num_microbatches, unit)
+    result = dp.solve(
+        arrays.stage_time,
+        arrays.max_succ,
+        arrays.choice_devices,
+        cluster.num_devices // unit,
+        num_microbatches,
+        relative_epsilon=options.relative_epsilon,
+        num_stages=options.num_stages,
+    )
+    if result is None or "1f1b" not in options.schedules:
+        return []
+    ranges = tuple((k, j) for k, j, _ in result.stages)
+    stage_options = tuple(table.options[arrays.option_index[k, j, m]] for k, j, m in result.stages)
+    return [Candidate(layers, ranges, stage_options, b, num_microbatches, "1f1b")]
+
+
+def _uniform_candidates(
+    context: PlanningContext, layers: tuple[PlanningLayer, ...], b: int
+) -> list[Candidate]:
+    """Equal stages on equal submeshes, screened by the closed-form step time."""
+    cluster, options = context.cluster, context.options
+    num_microbatches = options.global_batch // b
+    space = set(submesh_space(cluster.num_hosts, cluster.devices_per_host))
+    table = build_table(context.solver, list(layers), b, context.meshes(b))
+    num_layers = len(layers)
+    scored: list[tuple[float, Candidate]] = []
+    for pp in range(1, num_layers + 1):
+        if num_layers % pp or cluster.num_devices % pp:
+            continue
+        if options.num_stages is not None and pp != options.num_stages:
+            continue
+        submesh = _submesh_of(cluster.num_devices // pp, cluster.devices_per_host)
+        if submesh not in space:
+            continue
+        for v in _virtual_stage_counts(options, num_layers, pp, num_microbatches):
+            chunks = pp * v
+            size = num_layers // chunks
+            ranges = tuple((c * size, (c + 1) * size - 1) for c in range(chunks))
+            for q, option in enumerate(table.options):
+                if option.mesh.submesh != submesh:
+                    continue
+                screened = _screen(table, q, ranges, pp, v, num_microbatches, context.budget)
+                if screened is not None:
+                    schedule = "interleaved" if v > 1 else "1f1b"
+                    candidate = Candidate(
+                        layers, ranges, (option,) * chunks, b, num_microbatches, schedule, v
+                    )
+                    scored.append((screened, candidate))
+    scored.sort(key=lambda item: item[0])
+    return [c for _, c in scored[: options.simulate_top]]
+
+
+def _virtual_stage_counts(
+    options: PlannerOptions, num_layers: int, pp: int, num_microbatches: int
+) -> list[int]:
+    counts = [1] if "1f1b" in options.schedules else []
+    if "interleaved" in options.schedules and pp > 1 and num_microbatches % pp == 0:
+        counts += [v for v in range(2, num_layers // pp + 1) if num_layers % (pp * v) == 0]
+    return counts
+
+
+def _screen(table, q, ranges, pp, v, num_microbatches, budget) -> float | None:
+    """Closed-form step time of a uniform candidate, or ``None`` when rank 0 cannot fit.
+
+    Rank 0 keeps ``pp`` micro-batches in flight under 1F1B, ``pp·(1 + (pp−1)/(pp·v))`` under
+    interleaving (Korthikanti et al., §4.2.3), each holding its chunks' activations."""
+    rank_time = np.zeros(pp)
+    rank_state = np.zeros(pp)
+    rank_act = np.zeros(pp)
+    rank_extra = np.zeros(pp)
+    for chunk, (first, last) in enumerate(ranges):
+        rank = chunk % pp
+        rank_time[rank] += table.time[first : last + 1, q].sum()
+        rank_state[rank] += table.state[first : last + 1, q].sum()
+        rank_act[rank] += table.activation[first : last + 1, q].sum()
+        rank_extra[rank] = max(rank_extra[rank], table.peak_extra[first : last + 1, q].max())
+    if not np.all(np.isfinite(rank_time)):
+        return None
+    in_flight = min(pp, num_microbatches) * (1 + (pp - 1) / (pp * v) if v > 1 else 1)
+    if rank_state[0] + in_flight * rank_act[0] + rank_extra[0] > budget:
+        return None
+    return float((rank_time.sum() + (v * num_microbatches - 1) * rank_time.max()) / v)
+
+
+def _submesh_of(devices: int, per_host: int) -> tuple[int, int]:
+    if devices <= per_host:
+        return (1, devices)
+    return (devices // per_host, per_host) if devices % per_host == 0 else (0, 0)
+
+
+def _best_simulated(
+    context: PlanningContext, candidates: list[Candidate], progress: Progress | None
+) -> tuple[Candidate, Simulation] | None:
+    best: tuple[Candidate, Simulation] | None = None
+    for index, candidate in enumerate(candidates):
+        if progress:
+            progress("simulating", index, len(candidates))
+        simulation = context.simulator.simulate(candidate)
+        if simulation is None or simulation.peak_memory_bytes > context.budget:
+            continue
+        if best is None or simulation.step_time_s < best[1].step_time_s:
+            best = (candidate, simulation)
+    if progress:
+        progress("simulating", len(candidates), len(candidates))
+    return best
+
+
+def _check_inputs(graph: OpGraph, cluster: Cluster, options: PlannerOptions) -> None:
+    if options.global_batch < 1:
+        raise ValueError(f"global batch must be a positive integer, got {options.global_batch}")
+    if not 0 < options.memory_fraction <= 1:
+        raise ValueError(
+            f"memory fraction must be in (0, 1], got {options.memory_fraction}; "
+            "e.g. 0.9 keeps 10% of device memory for the framework"
+        )
+    if not graph.batch_is_dynamic:
+        raise ValueError(
+            "the planner needs a graph captured with capture(..., dynamic_batch=True) "
+            "to try several micro-batch sizes"
+        )
+    if options.num_stages is not None and options.num_stages < 1:
+        raise ValueError(f"the number of pipeline stages must be ≥ 1, got {options.num_stages}")
+
+
+def _no_plan_error(context: PlanningContext, candidates: list[Candidate]) -> NoFeasiblePlanError:
+    needed = [
+        s.peak_memory_bytes for c in candidates if (s := context.simulator.simulate(c)) is not None
+    ]
+    smallest = min(needed) if needed else float("nan")
+    return NoFeasiblePlanError(
+        f"no plan fits in {context.budget / 2**30:.1f} GiB per device "
+        f"({context.options.memory_fraction:.0%} of {context.cluster.device.name}); the smallest "
+        f"plan found needs {smallest / 2**30:.1f} GiB per device. Use more devices or devices "
+        "with more memory, a smaller global batch or --memory-fraction closer to 1"
+    )
+
+
+def to_parallel_plan(
+    candidate: Candidate,
+    simulation: Simulation,
+    graph: OpGraph,
+    cluster: Cluster,
+    solver: PartSolver,
+    *,
+    model_name: str,
+    precision: str,
+    planning_time_s: float | None = None,
+    notes: tuple[str, ...] = (),
+) -> ParallelPlan:
+    """The ``ParallelPlan`` of a simulated candidate: devices placed, placements filled in."""
+    ranks = candidate.num_ranks
+    rank_submeshes = place_submeshes([o.mesh.submesh for o in candidate.options[:ranks]], cluster)
+    stages = []
+    for index, ((first, last), option) in enumerate(
+        zip(candidate.ranges, candidate.options, strict=True)
+    ):
+        submesh = rank_submeshes[index % ranks]
+        devices = submesh.device_ids
+        placements: dict[str, tuple[str, ...]] = {}
+        for layer in candidate.layers[first : last + 1]:
+            for part in layer.parts:
+                cost = solver.cost(part, candidate.microbatch, option.mesh, option.level)
+                prefix = layer_prefix(graph, part.nodes)
+                for name, placement in cost.param_placements.items():
+                    placements[prefix + name] = placement
+        per_host = cluster.devices_per_host
+        stages.append(
+            PlanStage(
+                layers=(first, last),
+                hosts=tuple(sorted({d // per_host for d in devices})),
+                devices=tuple(devices),
+                submesh=option.mesh.submesh,
+                logical_mesh=option.mesh.logical,
+                recompute=option.recompute,
+                param_placements=placements,
+                time_per_microbatch_s=simulation.stages[index].time_per_microbatch_s,
+                memory=simulation.memory[index],
+            )
+        )
+    layers = tuple(
+        PlanLayer(
+            name=layer.name,
+            module_layers=tuple(layer.module_layers),
+            first_node=layer.nodes[0],
+            last_node=layer.nodes[-1],
+        )
+        for layer in candidate.layers
+    )
+    return ParallelPlan(
+        model=model_name,
+        model_fingerprint=model_fingerprint(graph),
+        cluster=cluster.to_dict(),
+        global_batch=candidate.microbatch * candidate.num_microbatches,
+        micro_batch_size=candidate.microbatch,
+        num_microbatches=candidate.num_microbatches,
+        schedule=candidate.schedule,
+        virtual_stages=candidate.virtual_stages,
+        precision=precision,
+        layers=layers,
+        stages=tuple(stages),
+        predicted_step_time_s=simulation.step_time_s,
+        predicted_peak_memory_bytes_per_device=int(simulation.peak_memory_bytes),
+        predicted_tflops_per_device=simulation.tflops_per_device,
+        planning_time_s=planning_time_s,
+        seq_len=None,
+        notes=notes,
+    )

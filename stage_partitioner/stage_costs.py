@@ -1,0 +1,384 @@
+"""The stage cost table: what every (layer range, submesh, logical mesh, option) costs.
+
+For a global micro-batch of ``b`` sequences, a stage made of planning layers ``k..j`` on a
+submesh viewed as the logical mesh ``(d, t)`` takes, per micro-batch,
+
+    t[k, j] = Σ_{parts p of layers k..j} ILP(p, mesh, b).time           (forward + backward)
+              + Σ_p ILP(p, mesh, b).forward_time        with full recomputation
+
+and holds per device
+
+    state[k, j]      = Σ_p ILP(p).state_bytes                (parameters, gradients, optimizer)
+    act[k, j]        = Σ_p ILP(p).activation_bytes           (kept per micro-batch in flight)
+    act_full[k, j]   = Σ_p input_bytes(p) / d + max_p ILP(p).activation_bytes
+                                                  (full recomputation: each layer keeps its
+                                                   input; one layer's activations are live
+                                                   again while it is recomputed)
+
+where ``ILP(p, mesh, b)`` is ``intra_op.solve_sharding`` on the nodes of part ``p`` at batch
+``b``. Identical parts (same structural hash) are solved once per (mesh, b): the 96 blocks of
+GPT-3 cost one solve per mesh. Solves run in parallel worker processes with a progress bar and
+are cached for the lifetime of the table's ``PartSolver``.
+
+Memory levels: a part alone may fit a device with its fastest sharding (all parameters
+replicated, say) while a stage of many such parts does not, and then Megatron tensor
+parallelism or ZeRO, slower but smaller, is what the stage needs. Each (part, mesh, b) is
+therefore solved at ``MEMORY_LEVELS`` budgets: level 0 without a budget, level ``k ≥ 1`` with
+``budget_device / 4^(k−1)`` per part (room for 1, 4, 16, … such parts on a device), and the
+last level *lean* (the fastest among the smallest shardings: ZeRO-3 style). A level whose
+budget the previous level's answer already meets reuses it (the optimum under a looser budget
+that fits a tighter one is optimal there too), so most chains take two or three solves. A stage
+option picks one level for all its parts. The
+logical meshes of a submesh of ``D`` devices are ``(D/t, t)`` for every ``t`` dividing the
+devices of one host (tensor parallelism stays inside a host), with ``D/t`` dividing ``b`` (the
+batch splits evenly over mesh axis 0; Alpa's ``force_batch_dim_to_mesh_dim=0``).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from hierarchical_ap.cluster import Cluster
+from hierarchical_ap.cost_model import CostModel
+from hierarchical_ap.errors import NoFeasiblePlanError
+from hierarchical_ap.graph import OpGraph
+from intra_op import solve_sharding
+from intra_op.cost_graph import TrainingMemory
+from intra_op.placement import Placements, Shard
+from stage_partitioner.layers import LayerPart, PlanningLayer
+
+logger = logging.getLogger(__name__)
+
+RECOMPUTE_OPTIONS = ("none", "full")
+MEMORY_LEVELS = 6
+"""Level 0 (no budget), levels 1..4 (device budget / 4^(k−1) per part), level 5 (lean)."""
+
+
+@dataclass(frozen=True)
+class MeshChoice:
+    """A submesh shape ``(hosts, devices per host)`` and its logical view ``(rows, cols)``."""
+
+    submesh: tuple[int, int]
+    logical: tuple[int, int]
+
+    @property
+    def num_devices(self) -> int:
+        return self.submesh[0] * self.submesh[1]
+
+
+@dataclass(frozen=True)
+class PartCost:
+    """The ILP's answer for one part on one mesh at one micro-batch size."""
+
+    time_s: float
+    forward_time_s: float
+    gradient_sync_s: float
+    state_bytes: float
+    activation_bytes: float
+    input_bytes: float
+    """Activation inputs from outside the part, per device (what full recomputation keeps)."""
+    param_placements: dict[str, tuple[str, ...]]
+    """Parameter name relative to the part's module layer → placement strings per mesh axis."""
+
+    @property
+    def memory_bytes(self) -> float:
+        """Memory the ILP's budget bounds: state plus one micro-batch of activations."""
+        return self.state_bytes + self.activation_bytes
+
+
+@dataclass(frozen=True)
+class StageOption:
+    """One way to run a stage: a mesh, a memory level of its shardings, and recomputation."""
+
+    mesh: MeshChoice
+    level: int
+    recompute: str
+
+
+def submesh_space(num_hosts: int, devices_per_host: int) -> list[tuple[int, int]]:
+    """Submesh shapes the planner considers.
+
+    Alpa's full space — ``(1, 2^k)`` inside a host and ``(n, M)`` for every ``n`` — up to 16
+    hosts. On larger clusters only whole hosts ``(n, M)`` with ``n`` dividing the host count or
+    a power of two are kept: enough to tile the cluster into equal or power-of-two stages
+    (every published Megatron-LM configuration is of this form) while keeping the DP's device
+    axis in units of hosts.
+    """
+    from stage_partitioner.submeshes import submesh_shapes
+
+    if num_hosts <= 16:
+        return submesh_shapes(num_hosts, devices_per_host)
+    counts = [n for n in range(1, num_hosts + 1) if num_hosts % n == 0 or (n & (n - 1)) == 0]
+    return [(n, devices_per_host) for n in counts]
+
+
+def logical_meshes(
+    submesh: tuple[int, int], devices_per_host: int, microbatch: int
+) -> list[tuple[int, int]]:
+    """Logical meshes ``(d, t)`` of a submesh: ``t`` divides a host's devices used, ``d | b``."""
+    hosts, per_host = submesh
+    devices = hosts * per_host
+    shapes = []
+    for t in range(1, min(per_host, devices_per_host) + 1):
+        if per_host % t == 0 and devices % t == 0 and microbatch % (devices // t) == 0:
+            shapes.append((devices // t, t))
+    return shapes
+
+
+class PartSolver:
+    """Solves parts with the intra-op ILP, in parallel, once per (kind, mesh, b): a chain of
+    memory levels (see the module docstring)."""
+
+    def __init__(
+        self,
+        graph: OpGraph,
+        cluster: Cluster,
+        *,
+        cost_model: CostModel | None = None,
+        training_memory: TrainingMemory,
+        num_microbatches_of: Callable[[int], int],
+        device_budget: float,
+        workers: int | None = None,
+        time_limit_s: float = 30.0,
+    ) -> None:
+        self.graph = graph
+        self.cluster = cluster
+        self.cost_model = cost_model or CostModel.for_cluster(cluster)
+        self.training_memory = training_memory
+        self.num_microbatches_of = num_microbatches_of
+        self.device_budget = device_budget
+        self.workers = workers if workers is not None else max(1, os.cpu_count() or 1)
+        self.time_limit_s = time_limit_s
+        self.cache: dict[tuple, tuple[PartCost | None, ...]] = {}
+
+    def solve_all(
+        self,
+        tasks: Iterable[tuple[LayerPart, int, MeshChoice]],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Solve every ``(part, b, mesh)`` not cached yet; ``progress(done, total)``."""
+        todo = {}
+        for part, b, mesh in tasks:
+            key = (part.kind, b, mesh)
+            if key not in self.cache and key not in todo:
+                todo[key] = (part.nodes, b, mesh)
+        total = len(todo)
+        if progress:
+            progress(0, total)
+        if not todo:
+            return
+        global _SOLVER
+        _SOLVER = self
+        items = list(todo.items())
+        if self.workers <= 1 or total < 4:
+            for done, (key, task) in enumerate(items, 1):
+                self.cache[key] = _solve_task(task)
+                if progress:
+                    progress(done, total)
+            return
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(self.workers, mp_context=context) as pool:
+            chunk = max(1, total // (8 * self.workers))
+            results = pool.map(_solve_task, [task for _, task in items], chunksize=chunk)
+            for done, ((key, _), result) in enumerate(zip(items, results, strict=True), 1):
+                self.cache[key] = result
+                if progress:
+                    progress(done, total)
+
+    def cost(self, part: LayerPart, b: int, mesh: MeshChoice, level: int) -> PartCost | None:
+        """The cached answer at a memory level (``None``: no sharding exists on that mesh)."""
+        return self.cache[(part.kind, b, mesh)][level]
+
+    def _solve(self, nodes: Sequence[str], b: int, mesh: MeshChoice) -> tuple[PartCost | None, ...]:
+        """The chain of memory levels of one part on one mesh."""
+        graph = _graph_at(self.graph, b)
+        levels: list[PartCost | None] = [self._solve_one(graph, nodes, b, mesh, None, False)]
+        if levels[0] is None:
+            return (None,) * MEMORY_LEVELS
+        lean: PartCost | None = None
+        for k in range(1, MEMORY_LEVELS - 1):
+            budget = self.device_budget / 4 ** (k - 1)
+            previous = levels[-1]
+            if previous is not None and previous.memory_bytes <= budget:
+                levels.append(previous)
+                continue
+            answer = self._solve_one(graph, nodes, b, mesh, budget, False)
+            if answer is None:
+                lean = lean or self._solve_one(graph, nodes, b, mesh, None, True)
+                answer = lean
+            levels.append(answer)
+        lean = lean or self._solve_one(graph, nodes, b, mesh, None, True)
+        levels.append(lean)
+        return tuple(levels)
+
+    def _solve_one(
+        self,
+        graph: OpGraph,
+        nodes: Sequence[str],
+        b: int,
+        mesh: MeshChoice,
+        budget: float | None,
+        lean: bool,
+    ) -> PartCost | None:
+        hosts, per_host = mesh.submesh
+        logical = self.cluster.submesh(hosts, per_host).logical_mesh(mesh.logical)
+        try:
+            solution = solve_sharding(
+                graph,
+                logical,
+                self.cluster,
+                nodes=nodes,
+                memory_budget_bytes=budget,
+                cost_model=self.cost_model,
+                training_memory=self.training_memory,
+                num_microbatches=self.num_microbatches_of(b),
+                lean=lean,
+                time_limit_s=self.time_limit_s,
+            )
+        except NoFeasiblePlanError:
+            return None
+        prefix = layer_prefix(graph, nodes)
+        return PartCost(
+            time_s=solution.cost_s,
+            forward_time_s=solution.forward_time_s,
+            gradient_sync_s=solution.gradient_sync_s,
+            state_bytes=solution.state_bytes_per_device,
+            activation_bytes=solution.activation_bytes_per_device,
+            input_bytes=_external_input_bytes(graph, nodes) / mesh.logical[0],
+            param_placements={
+                fqn[len(prefix) :]: placement_strings(p)
+                for fqn, p in solution.param_placements.items()
+            },
+        )
+
+
+_SOLVER: PartSolver | None = None
+_GRAPHS: dict[int, OpGraph] = {}
+
+
+def _solve_task(task: tuple) -> tuple[PartCost | None, ...]:
+    assert _SOLVER is not None
+    return _SOLVER._solve(*task)
+
+
+def _graph_at(graph: OpGraph, batch: int) -> OpGraph:
+    if batch not in _GRAPHS or _GRAPHS[batch].exported is not graph.exported:
+        _GRAPHS[batch] = graph.at_batch(batch)
+    return _GRAPHS[batch]
+
+
+def placement_strings(placements: Placements) -> tuple[str, ...]:
+    """DTensor placements as the plan's strings: ``"R"`` or ``"S(d)"`` per mesh axis."""
+    return tuple(f"S({p.dim})" if isinstance(p, Shard) else "R" for p in placements)
+
+
+def layer_prefix(graph: OpGraph, nodes: Sequence[str]) -> str:
+    """``"blocks.3."`` when all nodes (and the parameters they read) belong to one module layer,
+    else ``""``: part placements are stored relative to it, so identical blocks share them."""
+    layers = {graph.nodes[n].layer for n in nodes}
+    if len(layers) != 1:
+        return ""
+    (layer,) = layers
+    params = {p for n in nodes for p in graph.nodes[n].params}
+    prefix = layer + "."
+    return prefix if all(p.startswith(prefix) for p in params) else ""
+
+
+def _external_input_bytes(graph: OpGraph, nodes: Sequence[str]) -> float:
+    inside = set(nodes)
+    outside = {
+        value
+        for name in nodes
+        for value in graph.nodes[name].inputs
+        if value not in inside and value not in graph.value_to_param
+    }
+    return float(sum(graph.value_bytes(v) for v in outside))
+
+
+@dataclass
+class StageCostTable:
+    """Per planning layer and stage option: time and memory (see the module docstring).
+
+    Arrays are indexed ``[layer, option]``; ``range_*`` give sums over layer ranges.
+    """
+
+    layers: list[PlanningLayer]
+    microbatch: int
+    options: list[StageOption]
+    time: np.ndarray
+    forward_time: np.ndarray
+    gradient_sync: np.ndarray
+    state: np.ndarray
+    activation: np.ndarray
+    peak_extra: np.ndarray
+    """Per layer: activations live beyond the kept ones (a layer being recomputed)."""
+
+    def range_sum(self, array: np.ndarray) -> np.ndarray:
+        """``out[k, j, q] = Σ_{l=k..j} array[l, q]`` (``inf`` where ``j < k``)."""
+        prefix = np.concatenate([np.zeros((1, array.shape[1])), np.cumsum(array, axis=0)])
+        out = prefix[None, 1:, :] - prefix[:-1, None, :]
+        num_layers = array.shape[0]
+        lower = np.tril(np.ones((num_layers, num_layers), dtype=bool), k=-1)
+        out[lower] = np.inf
+        return out
+
+    def range_max(self, array: np.ndarray) -> np.ndarray:
+        """``out[k, j, q] = max_{l=k..j} array[l, q]``."""
+        num_layers = array.shape[0]
+        out = np.full((num_layers, num_layers, array.shape[1]), np.inf)
+        for k in range(num_layers):
+            out[k, k:] = np.maximum.accumulate(array[k:], axis=0)
+        return out
+
+
+def build_table(
+    solver: PartSolver,
+    layers: list[PlanningLayer],
+    microbatch: int,
+    meshes: Sequence[MeshChoice],
+    recompute: Sequence[str] = RECOMPUTE_OPTIONS,
+) -> StageCostTable:
+    """Assemble the table from the solver's cached part costs (``solve_all`` first)."""
+    options = [
+        StageOption(mesh, level, r)
+        for mesh in meshes
+        for level in range(MEMORY_LEVELS)
+        for r in recompute
+    ]
+    shape = (len(layers), len(options))
+    time, forward, sync, state, activation, extra = (np.zeros(shape) for _ in range(6))
+    for q, option in enumerate(options):
+        for index, layer in enumerate(layers):
+            costs = [solver.cost(p, microbatch, option.mesh, option.level) for p in layer.parts]
+            if any(c is None for c in costs):
+                time[index, q] = np.inf
+                continue
+            time[index, q] = sum(c.time_s for c in costs)
+            forward[index, q] = sum(c.forward_time_s for c in costs)
+            sync[index, q] = sum(c.gradient_sync_s for c in costs)
+            state[index, q] = sum(c.state_bytes for c in costs)
+            kept = sum(c.activation_bytes for c in costs)
+            if option.recompute == "full":
+                time[index, q] += forward[index, q]
+                activation[index, q] = sum(c.input_bytes for c in costs)
+                extra[index, q] = kept
+            else:
+                activation[index, q] = kept
+    return StageCostTable(
+        layers, microbatch, options, time, forward, sync, state, activation, extra
+    )
+
+
+def part_tasks(
+    layers: Sequence[PlanningLayer], microbatch: int, meshes: Sequence[MeshChoice]
+) -> list[tuple[LayerPart, int, MeshChoice]]:
+    """Every distinct ILP chain the table of ``microbatch`` needs."""
+    kinds = {part.kind: part for layer in layers for part in layer.parts}
+    return [(part, microbatch, mesh) for part in kinds.values() for mesh in meshes]

@@ -1,0 +1,117 @@
+"""The outer pass end to end: plans are valid, fit memory, and are never worse than a hand
+configuration priced by the same simulator; the simulator agrees with the schedule formulas."""
+
+from __future__ import annotations
+
+import pytest
+
+from hierarchical_ap.cluster import Cluster
+from hierarchical_ap.plan import ParallelPlan
+from stage_partitioner.manual import ManualConfig, simulate_manual
+from stage_partitioner.model_planning import capture_spec, planning_context
+from stage_partitioner.planner import PlannerOptions, plan_in_context, to_parallel_plan
+from stage_partitioner.simulator import candidate_from_plan
+
+SPEC = "gpt:layers=4,hidden=256,heads=8,vocab=1024,seq=128"
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return capture_spec(SPEC, seq=None, precision="bf16")
+
+
+def context_for(graph, cluster_spec: str, batch: int, **options):
+    cluster = Cluster.from_spec(cluster_spec)
+    return planning_context(
+        graph, cluster, PlannerOptions(global_batch=batch, workers=1, **options), "bf16"
+    )
+
+
+def test_plan_is_valid_fits_and_round_trips(graph, tmp_path):
+    context = context_for(graph, "2x4xA100-80GB", 32)
+    plan, simulation = plan_in_context(context, model_name=SPEC, precision="bf16")
+    plan.validate()
+    plan.check_matches(graph, context.cluster)
+    assert plan.predicted_peak_memory_bytes_per_device <= context.budget
+    assert plan.micro_batch_size * plan.num_microbatches == 32
+    path = plan.save(tmp_path / "plan.json")
+    loaded = ParallelPlan.load(path)
+    assert loaded == plan
+    again = context.simulator.simulate(candidate_from_plan(context, loaded))
+    assert again.step_time_s == pytest.approx(simulation.step_time_s)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ManualConfig(tp=1, pp=1, dp=8, micro_batch_size=1),
+        ManualConfig(tp=4, pp=2, dp=1, micro_batch_size=2),
+        ManualConfig(tp=2, pp=2, dp=2, micro_batch_size=1, recompute="full"),
+        ManualConfig(
+            tp=1, pp=2, dp=4, micro_batch_size=1, schedule="interleaved", virtual_stages=2
+        ),
+    ],
+)
+def test_planner_is_never_worse_than_a_manual_configuration(graph, config):
+    context = context_for(graph, "2x4xA100-80GB", 32)
+    manual = simulate_manual(context, config)
+    assert manual is not None
+    plan, _ = plan_in_context(context, model_name=SPEC, precision="bf16")
+    assert plan.predicted_step_time_s <= manual[1].step_time_s * (1 + 1e-9)
+
+
+def test_uniform_1f1b_step_follows_the_bubble_formula(graph):
+    """Equal stages, no transfers between ranks that matter at this size: the simulated step
+    is (m + p − 1)·(f + b) plus the gradient sync, within the transfer time."""
+    context = context_for(graph, "1x4xA100-80GB", 16)
+    candidate, simulation = simulate_manual(
+        context, ManualConfig(tp=1, pp=4, dp=1, micro_batch_size=1)
+    )
+    middle = simulation.stages[1]
+    m, p = candidate.num_microbatches, candidate.num_ranks
+    ideal = (m + p - 1) * middle.time_per_microbatch_s
+    transfers = 2 * (p - 1) * m * max(s.send_s for s in simulation.stages)
+    assert (
+        ideal * 0.8
+        <= simulation.step_time_s
+        <= ideal * 1.3 + transfers + sum(s.gradient_sync_s for s in simulation.stages)
+    )
+
+
+def test_in_flight_memory_of_1f1b_is_p_microbatches_on_the_first_stage(graph):
+    context = context_for(graph, "1x4xA100-80GB", 16)
+    _, simulation = simulate_manual(context, ManualConfig(tp=1, pp=4, dp=1, micro_batch_size=1))
+    first, last = simulation.memory[0], simulation.memory[-1]
+    act_first, act_last = (
+        simulation.stages[0].activation_bytes,
+        simulation.stages[-1].activation_bytes,
+    )
+    assert first.activations == pytest.approx(4 * act_first, rel=1e-6, abs=8)
+    assert last.activations == pytest.approx(1 * act_last, rel=1e-6, abs=8)
+
+
+def test_bad_manual_configuration_names_the_fix(graph):
+    context = context_for(graph, "1x4xA100-80GB", 16)
+    with pytest.raises(ValueError, match="tp·pp·dp"):
+        simulate_manual(context, ManualConfig(tp=2, pp=1, dp=1, micro_batch_size=1))
+    with pytest.raises(ValueError, match="divisible"):
+        simulate_manual(context, ManualConfig(tp=1, pp=1, dp=4, micro_batch_size=3))
+
+
+def test_to_parallel_plan_places_every_parameter(graph):
+    context = context_for(graph, "1x4xA100-80GB", 16)
+    candidate, simulation = simulate_manual(
+        context, ManualConfig(tp=2, pp=2, dp=1, micro_batch_size=2)
+    )
+    plan = to_parallel_plan(
+        candidate,
+        simulation,
+        graph,
+        context.cluster,
+        context.solver,
+        model_name=SPEC,
+        precision="bf16",
+    )
+    placed = {fqn for stage in plan.stages for fqn in stage.param_placements}
+    assert placed == set(graph.param_shapes)
+    assert [s.devices for s in plan.stages] == [(0, 1), (2, 3)]
