@@ -7,6 +7,7 @@ from hierarchical_ap.errors import (
     ModelSpecError,
     NoFeasiblePlanError,
     PlanError,
+    PlannerOptionError,
 )
 from hierarchical_ap.graph import OpGraph, capture
 
@@ -18,6 +19,7 @@ __all__ = [
     "NoFeasiblePlanError",
     "OpGraph",
     "PlanError",
+    "PlannerOptionError",
     "capture",
 ]
 __version__ = "0.1.0"

@@ -29,3 +29,7 @@ class NoFeasiblePlanError(HapError):
 
 class PlanError(HapError, ValueError):
     """A parallel plan (file) that is malformed, inconsistent or made for another model or cluster."""
+
+
+class PlannerOptionError(HapError, ValueError):
+    """Planner or parallel-configuration options that cannot be used (batch, degrees, schedule)."""

@@ -153,6 +153,11 @@ def planning_layers(
 # ------------------------------------------------------------------------- repeated blocks
 
 
+def block_layers(graph: OpGraph) -> list[PlanningLayer]:
+    """One planning layer per block (no grouping): the fine layering of uniform slicings."""
+    return planning_layers(graph, max_layers=max(len(graph.layers), 1))
+
+
 def group_sizes(num_blocks: int, max_layers: int, num_layers: int | None = None) -> list[int]:
     """Blocks per planning layer, in order (the grouping rule of the module docstring)."""
     if num_layers is not None:

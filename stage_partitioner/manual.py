@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hierarchical_ap.errors import PlannerOptionError
 from hierarchical_ap.plan import RECOMPUTE_MODES, SCHEDULES
-from stage_partitioner.layers import planning_layers
-from stage_partitioner.planner import PlanningContext
+from stage_partitioner.layers import block_layers
+from stage_partitioner.planner import PlanningContext, equal_ranges, submesh_of
 from stage_partitioner.simulator import Candidate, Simulation
 from stage_partitioner.stage_costs import MEMORY_LEVELS, MeshChoice, StageOption
 
@@ -43,28 +44,25 @@ def manual_candidates(context: PlanningContext, config: ManualConfig) -> list[Ca
     """The candidates of ``config``, one per memory level (the simulator picks)."""
     cluster, batch = context.cluster, context.options.global_batch
     _check(config, cluster.num_devices, cluster.devices_per_host, batch)
-    layers = tuple(planning_layers(context.graph, max_layers=max(len(context.graph.layers), 1)))
+    layers = tuple(block_layers(context.graph))
     v = config.virtual_stages if config.schedule == "interleaved" else 1
     chunks = config.pp * v
     if len(layers) % chunks:
-        raise ValueError(
+        raise PlannerOptionError(
             f"{len(layers)} layers cannot be split into pp·v = {chunks} equal chunks; "
             "choose pp and --virtual-stages whose product divides the number of layers"
         )
     microbatch = config.dp * config.micro_batch_size
     num_microbatches = batch // microbatch
     if config.schedule == "interleaved" and num_microbatches % config.pp:
-        raise ValueError(
+        raise PlannerOptionError(
             f"the interleaved schedule needs the {num_microbatches} micro-batches to be a "
             f"multiple of pp={config.pp}; change the global batch or the micro-batch size"
         )
-    devices = config.tp * config.dp
-    per_host = cluster.devices_per_host
-    submesh = (1, devices) if devices <= per_host else (devices // per_host, per_host)
+    submesh = submesh_of(config.tp * config.dp, cluster.devices_per_host)
     mesh = MeshChoice(submesh, (config.dp, config.tp))
     recompute = "full" if config.recompute == "full" else "none"
-    size = len(layers) // chunks
-    ranges = tuple((c * size, (c + 1) * size - 1) for c in range(chunks))
+    ranges = equal_ranges(len(layers), chunks)
     return [
         Candidate(
             layers,
@@ -96,28 +94,30 @@ def simulate_manual(
 
 def _check(config: ManualConfig, devices: int, per_host: int, batch: int) -> None:
     if min(config.tp, config.pp, config.dp, config.micro_batch_size, config.virtual_stages) < 1:
-        raise ValueError(f"tp, pp, dp, micro-batch size and v must be ≥ 1, got {config}")
+        raise PlannerOptionError(f"tp, pp, dp, micro-batch size and v must be ≥ 1, got {config}")
     if config.tp * config.pp * config.dp != devices:
-        raise ValueError(
+        raise PlannerOptionError(
             f"tp·pp·dp = {config.tp * config.pp * config.dp} but the cluster has {devices} "
             "devices; choose degrees whose product is the device count"
         )
     if config.tp > per_host or per_host % config.tp:
-        raise ValueError(
+        raise PlannerOptionError(
             f"tp={config.tp} must divide the {per_host} devices of a host (tensor parallelism "
             "stays inside a host)"
         )
     group = config.tp * config.dp
     if group > per_host and group % per_host:
-        raise ValueError(
+        raise PlannerOptionError(
             f"a stage's tp·dp = {group} devices must be whole hosts of {per_host} or fit in one"
         )
     if batch % (config.dp * config.micro_batch_size):
-        raise ValueError(
+        raise PlannerOptionError(
             f"global batch {batch} is not divisible by dp·micro-batch = "
             f"{config.dp * config.micro_batch_size}"
         )
     if config.recompute not in RECOMPUTE_MODES:
-        raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {config.recompute!r}")
+        raise PlannerOptionError(
+            f"recompute must be one of {RECOMPUTE_MODES}, got {config.recompute!r}"
+        )
     if config.schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+        raise PlannerOptionError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")

@@ -11,6 +11,7 @@ import torch
 
 from hierarchical_ap.cluster import Cluster
 from hierarchical_ap.cost_model import CostModel
+from hierarchical_ap.errors import PlannerOptionError
 from hierarchical_ap.graph import OpGraph, capture
 from intra_op.cost_graph import TrainingMemory
 from stage_partitioner.planner import PlannerOptions, PlanningContext
@@ -22,7 +23,9 @@ def training_memory_for(precision: str) -> TrainingMemory:
     """Adam with fp32 master weights for 16-bit training and gradients accumulated in fp32
     (Megatron-LM's recipe, 18 bytes per parameter); plain fp32 Adam (16 bytes) otherwise."""
     if precision not in PRECISION_DTYPES:
-        raise ValueError(f"precision must be one of {sorted(PRECISION_DTYPES)}, got {precision!r}")
+        raise PlannerOptionError(
+            f"precision must be one of {sorted(PRECISION_DTYPES)}, got {precision!r}"
+        )
     dtype = PRECISION_DTYPES[precision]
     return TrainingMemory.for_training(
         dtype, optimizer="adam", fp32_gradients=dtype != torch.float32

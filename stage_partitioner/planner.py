@@ -31,17 +31,19 @@ import numpy as np
 
 from hierarchical_ap.cluster import Cluster
 from hierarchical_ap.cost_model import CostModel
-from hierarchical_ap.errors import NoFeasiblePlanError
+from hierarchical_ap.errors import NoFeasiblePlanError, PlannerOptionError
 from hierarchical_ap.graph import OpGraph
 from hierarchical_ap.plan import ParallelPlan, PlanLayer, PlanStage, model_fingerprint
 from intra_op.cost_graph import TrainingMemory
 from stage_partitioner import dp
-from stage_partitioner.layers import PlanningLayer, planning_layers
+from stage_partitioner.layers import PlanningLayer, block_layers, planning_layers
 from stage_partitioner.search import dp_arrays
 from stage_partitioner.simulator import Candidate, Simulation, Simulator
 from stage_partitioner.stage_costs import (
+    MEMORY_LEVELS,
     MeshChoice,
     PartSolver,
+    StageOption,
     build_table,
     layer_prefix,
     logical_meshes,
@@ -142,7 +144,7 @@ def plan_in_context(
     graph, cluster, options = context.graph, context.cluster, context.options
     _check_inputs(graph, cluster, options)
     coarse = tuple(planning_layers(graph, max_layers=options.max_layers))
-    fine = tuple(planning_layers(graph, max_layers=max(len(graph.layers), 1)))
+    fine = tuple(block_layers(graph))
     microbatches = microbatch_candidates(cluster, options, len(coarse))
     tasks = [task for b in microbatches for task in part_tasks(coarse, b, context.meshes(b))]
     context.solver.solve_all(
@@ -156,10 +158,14 @@ def plan_in_context(
         candidates += _uniform_candidates(context, fine, b)
     if progress:
         progress("stage DP", len(microbatches), len(microbatches))
-    best = _best_simulated(context, candidates, progress)
-    if best is None:
-        raise _no_plan_error(context, candidates)
-    candidate, simulation = best
+    simulated = _simulate_all(context, candidates, progress)
+    fitting = [r for r in simulated if r[1].peak_memory_bytes <= context.budget]
+    if not fitting:
+        smallest = simulated + _simulate_all(
+            context, _smallest_candidates(context, coarse, microbatches), None
+        )
+        raise _no_plan_error(context, smallest)
+    candidate, simulation = min(fitting, key=lambda r: r[1].step_time_s)
     plan = to_parallel_plan(
         candidate,
         simulation,
@@ -225,13 +231,12 @@ def _uniform_candidates(
             continue
         if options.num_stages is not None and pp != options.num_stages:
             continue
-        submesh = _submesh_of(cluster.num_devices // pp, cluster.devices_per_host)
+        submesh = submesh_of(cluster.num_devices // pp, cluster.devices_per_host)
         if submesh not in space:
             continue
         for v in _virtual_stage_counts(options, num_layers, pp, num_microbatches):
             chunks = pp * v
-            size = num_layers // chunks
-            ranges = tuple((c * size, (c + 1) * size - 1) for c in range(chunks))
+            ranges = equal_ranges(num_layers, chunks)
             for q, option in enumerate(table.options):
                 if option.mesh.submesh != submesh:
                     continue
@@ -278,56 +283,93 @@ def _screen(table, q, ranges, pp, v, num_microbatches, budget) -> float | None:
     return float((rank_time.sum() + (v * num_microbatches - 1) * rank_time.max()) / v)
 
 
-def _submesh_of(devices: int, per_host: int) -> tuple[int, int]:
+def equal_ranges(num_layers: int, chunks: int) -> tuple[tuple[int, int], ...]:
+    """``chunks`` consecutive ranges of ``num_layers // chunks`` layers each (inclusive)."""
+    size = num_layers // chunks
+    return tuple((c * size, (c + 1) * size - 1) for c in range(chunks))
+
+
+def submesh_of(devices: int, per_host: int) -> tuple[int, int]:
+    """The submesh shape of ``devices`` devices: inside one host, or whole hosts; ``(0, 0)``
+    when neither."""
     if devices <= per_host:
         return (1, devices)
     return (devices // per_host, per_host) if devices % per_host == 0 else (0, 0)
 
 
-def _best_simulated(
+def _simulate_all(
     context: PlanningContext, candidates: list[Candidate], progress: Progress | None
-) -> tuple[Candidate, Simulation] | None:
-    best: tuple[Candidate, Simulation] | None = None
+) -> list[tuple[Candidate, Simulation]]:
+    """Every candidate that can run, with its simulation."""
+    simulated = []
     for index, candidate in enumerate(candidates):
         if progress:
             progress("simulating", index, len(candidates))
         simulation = context.simulator.simulate(candidate)
-        if simulation is None or simulation.peak_memory_bytes > context.budget:
-            continue
-        if best is None or simulation.step_time_s < best[1].step_time_s:
-            best = (candidate, simulation)
+        if simulation is not None:
+            simulated.append((candidate, simulation))
     if progress:
         progress("simulating", len(candidates), len(candidates))
-    return best
+    return simulated
 
 
 def _check_inputs(graph: OpGraph, cluster: Cluster, options: PlannerOptions) -> None:
     if options.global_batch < 1:
-        raise ValueError(f"global batch must be a positive integer, got {options.global_batch}")
+        raise PlannerOptionError(
+            f"global batch must be a positive integer, got {options.global_batch}"
+        )
     if not 0 < options.memory_fraction <= 1:
-        raise ValueError(
+        raise PlannerOptionError(
             f"memory fraction must be in (0, 1], got {options.memory_fraction}; "
             "e.g. 0.9 keeps 10% of device memory for the framework"
         )
     if not graph.batch_is_dynamic:
-        raise ValueError(
+        raise PlannerOptionError(
             "the planner needs a graph captured with capture(..., dynamic_batch=True) "
             "to try several micro-batch sizes"
         )
     if options.num_stages is not None and options.num_stages < 1:
-        raise ValueError(f"the number of pipeline stages must be ≥ 1, got {options.num_stages}")
+        raise PlannerOptionError(
+            f"the number of pipeline stages must be ≥ 1, got {options.num_stages}"
+        )
 
 
-def _no_plan_error(context: PlanningContext, candidates: list[Candidate]) -> NoFeasiblePlanError:
-    needed = [
-        s.peak_memory_bytes for c in candidates if (s := context.simulator.simulate(c)) is not None
+def _smallest_candidates(
+    context: PlanningContext, layers: tuple[PlanningLayer, ...], microbatches: list[int]
+) -> list[Candidate]:
+    """One stage on the whole cluster, the leanest shardings and full recomputation: the
+    least memory per device a plan needs (used for the error when nothing fits)."""
+    cluster = context.cluster
+    submesh = submesh_of(cluster.num_devices, cluster.devices_per_host)
+    return [
+        Candidate(
+            layers,
+            ((0, len(layers) - 1),),
+            (StageOption(mesh, MEMORY_LEVELS - 1, "full"),),
+            b,
+            context.options.global_batch // b,
+            "1f1b",
+        )
+        for b in microbatches
+        for mesh in context.meshes(b)
+        if mesh.submesh == submesh
     ]
-    smallest = min(needed) if needed else float("nan")
+
+
+def _no_plan_error(
+    context: PlanningContext, simulated: list[tuple[Candidate, Simulation]]
+) -> NoFeasiblePlanError:
+    needed = [s.peak_memory_bytes for _, s in simulated]
+    smallest = (
+        f"the smallest plan found needs {min(needed) / 2**30:.2f} GiB per device"
+        if needed
+        else "no stage has a sharding on the cluster's meshes"
+    )
     return NoFeasiblePlanError(
         f"no plan fits in {context.budget / 2**30:.1f} GiB per device "
-        f"({context.options.memory_fraction:.0%} of {context.cluster.device.name}); the smallest "
-        f"plan found needs {smallest / 2**30:.1f} GiB per device. Use more devices or devices "
-        "with more memory, a smaller global batch or --memory-fraction closer to 1"
+        f"({context.options.memory_fraction:.0%} of {context.cluster.device.name}); {smallest}. "
+        "Use more devices or devices with more memory, smaller micro-batches "
+        "(--microbatch-sizes), a smaller global batch or --memory-fraction closer to 1"
     )
 
 

@@ -161,7 +161,7 @@ class Simulator:
             sync = sum(e.gradient_sync_s for i, e in enumerate(estimates) if i % ranks == rank)
             step = max(step, end + sync)
         memory = tuple(
-            _memory(self.solver, estimates, i, ranks, in_flight[i % ranks], candidate)
+            _memory(self.solver, estimates, i, ranks, in_flight[i % ranks])
             for i in range(len(estimates))
         )
         flops = _graph_at(self.graph, candidate.microbatch).train_flops
@@ -198,7 +198,6 @@ def _memory(
     index: int,
     ranks: int,
     in_flight: int,
-    candidate: Candidate,
 ) -> MemoryBreakdown:
     """Peak per device of stage ``index``'s rank: all of the rank's chunks share the devices."""
     own = [e for i, e in enumerate(estimates) if i % ranks == index % ranks]

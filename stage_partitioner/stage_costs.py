@@ -53,6 +53,7 @@ from intra_op import solve_sharding
 from intra_op.cost_graph import TrainingMemory
 from intra_op.placement import Placements, Shard
 from stage_partitioner.layers import LayerPart, PlanningLayer
+from stage_partitioner.submeshes import submesh_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +112,6 @@ def submesh_space(num_hosts: int, devices_per_host: int) -> list[tuple[int, int]
     (every published Megatron-LM configuration is of this form) while keeping the DP's device
     axis in units of hosts.
     """
-    from stage_partitioner.submeshes import submesh_shapes
-
     if num_hosts <= 16:
         return submesh_shapes(num_hosts, devices_per_host)
     counts = [n for n in range(1, num_hosts + 1) if num_hosts % n == 0 or (n & (n - 1)) == 0]

@@ -115,3 +115,19 @@ def test_to_parallel_plan_places_every_parameter(graph):
     placed = {fqn for stage in plan.stages for fqn in stage.param_placements}
     assert placed == set(graph.param_shapes)
     assert [s.devices for s in plan.stages] == [(0, 1), (2, 3)]
+
+
+def test_no_plan_fits_names_the_memory_needed_and_the_fixes(graph):
+    from hierarchical_ap import NoFeasiblePlanError
+
+    context = context_for(graph, "1x4xA100-80GB", 16, memory_fraction=1e-5)
+    with pytest.raises(NoFeasiblePlanError, match=r"smallest plan found needs \d+\.\d+ GiB") as err:
+        plan_in_context(context, model_name=SPEC, precision="bf16")
+    assert "more devices" in str(err.value) and "--memory-fraction" in str(err.value)
+
+
+def test_bad_planner_options_are_user_errors(graph):
+    from hierarchical_ap import HapError
+
+    with pytest.raises(HapError, match="global batch"):
+        plan_in_context(context_for(graph, "1x4xA100-80GB", 0))
