@@ -440,6 +440,15 @@ def to_parallel_plan(
         predicted_peak_memory_bytes_per_device=int(simulation.peak_memory_bytes),
         predicted_tflops_per_device=simulation.tflops_per_device,
         planning_time_s=planning_time_s,
-        seq_len=None,
+        seq_len=_sequence_length(graph),
         notes=notes,
     )
+
+
+def _sequence_length(graph: OpGraph) -> int | None:
+    """Dim 1 of the first model input (token ids ``(batch, seq)``), so that ``hap simulate
+    plan.json`` captures the model at the sequence length it was planned for."""
+    if not graph.model_inputs:
+        return None
+    shape = graph.input_values[graph.model_inputs[0]].shape
+    return shape[1] if len(shape) >= 2 else None

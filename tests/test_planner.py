@@ -34,6 +34,7 @@ def test_plan_is_valid_fits_and_round_trips(graph, tmp_path):
     plan.check_matches(graph, context.cluster)
     assert plan.predicted_peak_memory_bytes_per_device <= context.budget
     assert plan.micro_batch_size * plan.num_microbatches == 32
+    assert plan.seq_len == 128  # the spec's seq, so `hap simulate plan.json` re-captures alike
     path = plan.save(tmp_path / "plan.json")
     loaded = ParallelPlan.load(path)
     assert loaded == plan
