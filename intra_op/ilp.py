@@ -29,7 +29,9 @@ Before solving, the problem shrinks:
 * an edge whose matrix is separable, ``R_ij = a_i + b_j``, is folded into ``c_u`` and ``c_w``
   (no ``e`` variables are needed for it).
 
-Solved with PuLP: HiGHS (highspy) by default, CBC as fallback, under a time limit.
+The shrunk problem is laid out as sparse arrays (``build_model``) and solved by HiGHS through
+highspy by default, or by CBC through PuLP (the fallback, from the same arrays), under a time
+limit.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pulp
@@ -52,6 +55,10 @@ OBJECTIVE_SCALE = 1e6
 MIP_ABSOLUTE_GAP = 1e-6
 """Optimality gaps (relative; absolute in microseconds) at which the solver stops: tight, so
 that the nanosecond tie-breaks of ``intra_op.cost_graph`` count."""
+
+
+INTEGRALITY_TOLERANCE = 1e-9
+"""How close to 0 or 1 every ``s`` of an LP-relaxation optimum must be to be taken as is."""
 
 
 class InfeasibleError(Exception):
@@ -90,7 +97,103 @@ def solve(
     problem: ShardingProblem, *, time_limit_s: float = 60.0, solver: str = "highs"
 ) -> IlpResult:
     """Solve the ILP; raises ``InfeasibleError`` when nothing fits ``memory_budget``."""
-    started = time.perf_counter()
+    return IlpSession(problem, time_limit_s=time_limit_s, solver=solver).solve(
+        problem.memory_budget
+    )
+
+
+class IlpSession:
+    """One problem solved under several memory budgets (the right-hand side of (5)).
+
+    The model is laid out once; with HiGHS the solver object is kept, so a solve after a budget
+    change starts from the previous basis (a few dual simplex steps instead of a new solve).
+    ``problem.memory_budget`` is ignored: each ``solve`` names its own budget.
+    """
+
+    def __init__(
+        self, problem: ShardingProblem, *, time_limit_s: float = 60.0, solver: str = "highs"
+    ) -> None:
+        self.problem = problem
+        self.model = build_model(problem)
+        self.time_limit_s = time_limit_s
+        self.solver = solver
+        self._highs: _HighsModel | None = None
+
+    def solve(self, memory_budget: float | None) -> IlpResult:
+        """The optimum under ``memory_budget`` bytes per device (``None``: unbounded)."""
+        started = time.perf_counter()
+        upper = np.inf if memory_budget is None else memory_budget - self.model.fixed_memory
+        status, values, used = None, None, self.solver
+        if self.solver == "highs":
+            try:
+                if self._highs is None:
+                    self._highs = _HighsModel(self.model, self.time_limit_s)
+                status, values = self._highs.solve(upper)
+            except _SolverFailed as exc:
+                logger.warning("HiGHS failed (%s); falling back to CBC", exc)
+                used = "cbc"
+        if used != "highs":
+            status, values = _solve_cbc(self.model, upper, self.time_limit_s)
+            used = "cbc"
+        if status == "infeasible":
+            raise InfeasibleError(_smallest_memory_message(self.problem, memory_budget))
+        if values is None or not _one_hot(self.model, values):
+            raise RuntimeError(
+                f"{used} stopped with status {status!r} and no assignment; raise the time limit"
+            )
+        choice = self.model.choice(values)
+        return IlpResult(
+            choice=choice,
+            objective=self.problem.objective(choice),
+            num_variables=self.model.num_columns,
+            num_constraints=self.model.num_rows,
+            solve_time_s=time.perf_counter() - started,
+            solver=used,
+        )
+
+
+@dataclass(frozen=True)
+class LinearModel:
+    """The shrunk ILP in standard form: ``min cᵀx`` s.t. ``row_lower ≤ A x ≤ row_upper``,
+    ``0 ≤ x ≤ 1``, ``x`` binary where ``integer``; ``A`` row-wise (CSR arrays).
+
+    Columns are the ``s`` variables of the free groups (binary) followed by the ``e``
+    variables of the edges (continuous); rows are constraints (1)–(5) in that order, (5)
+    always present and last.
+    """
+
+    cost: np.ndarray
+    integer: np.ndarray
+    row_lower: np.ndarray
+    row_upper: np.ndarray
+    row_starts: np.ndarray
+    columns: np.ndarray
+    values: np.ndarray
+    group_columns: tuple[tuple[int, int] | None, ...]
+    """Per group: the ``[start, stop)`` of its ``s`` columns, ``None`` for a constant group."""
+    fixed_memory: float
+    """Memory of the constant groups: the budget row (5), the last, bounds the rest by
+    ``budget − fixed_memory`` (its upper bound is infinite until a budget is given)."""
+
+    @property
+    def num_columns(self) -> int:
+        return len(self.cost)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_lower)
+
+    def choice(self, x: np.ndarray) -> tuple[int, ...]:
+        """Each group's strategy in a solution vector ``x``."""
+        return tuple(
+            0 if span is None else int(np.argmax(x[span[0] : span[1]]))
+            for span in self.group_columns
+        )
+
+
+def build_model(problem: ShardingProblem) -> LinearModel:
+    """Shrink the problem (module docstring) and lay out constraints (1)–(5) as arrays; the
+    budget row (5) is left unbounded (``IlpSession.solve`` sets it)."""
     # The solver sees microseconds: well-scaled coefficients, and nanosecond tie-breaks stay
     # above its tolerances.
     costs = [np.asarray(c, dtype=float) * OBJECTIVE_SCALE for c in problem.costs]
@@ -98,61 +201,199 @@ def solve(
     edges = _reduce_edges(
         [(u, w, np.asarray(r, dtype=float) * OBJECTIVE_SCALE) for u, w, r in problem.edges], costs
     )
-
-    free = [v for v, c in enumerate(costs) if len(c) > 1]
-    model = pulp.LpProblem("sharding", pulp.LpMinimize)
-    s = {
-        v: [model.add_variable(f"s_{v}_{i}", 0, 1, cat=pulp.LpBinary) for i in range(len(costs[v]))]
-        for v in free
-    }
-    objective = [pulp.lpDot(s[v], costs[v].tolist()) for v in free]
-    num_constraints = 0
-    for v in free:
-        model += pulp.lpSum(s[v]) == 1  # (1)
-        num_constraints += 1
-    num_edge_vars = 0
-    for index, (u, w, r) in enumerate(edges):
-        e = [
-            [model.add_variable(f"e_{index}_{i}_{j}", 0, 1) for j in range(r.shape[1])]
-            for i in range(r.shape[0])
-        ]
-        num_edge_vars += r.size
-        objective.append(pulp.lpDot([x for row in e for x in row], r.ravel().tolist()))
-        model += pulp.lpSum(x for row in e for x in row) == 1  # (2)
-        for i in range(r.shape[0]):
-            model += pulp.lpSum(e[i]) <= s[u][i]  # (3)
-        for j in range(r.shape[1]):
-            model += pulp.lpSum(e[i][j] for i in range(r.shape[0])) <= s[w][j]  # (4)
-        num_constraints += 1 + r.shape[0] + r.shape[1]
-    fixed_memory = sum(float(memory[v][0]) for v in range(len(costs)) if v not in s)
-    if problem.memory_budget is not None:
-        model += (
-            pulp.lpSum(pulp.lpDot(s[v], memory[v].tolist()) for v in free)
-            <= problem.memory_budget - fixed_memory
-        )  # (5)
-        num_constraints += 1
-    model += pulp.lpSum(objective) + sum(
-        float(costs[v][0]) for v in range(len(costs)) if v not in s
+    group_columns: list[tuple[int, int] | None] = []
+    column = 0
+    for c in costs:
+        if len(c) > 1:
+            group_columns.append((column, column + len(c)))
+            column += len(c)
+        else:
+            group_columns.append(None)
+    num_s = column
+    edge_start = []
+    for _, _, r in edges:
+        edge_start.append(column)
+        column += r.size
+    cost = np.concatenate(
+        [c for c in costs if len(c) > 1] + [r.ravel() for _, _, r in edges] + [np.zeros(0)]
+    )
+    rows = _Rows()
+    for span in group_columns:
+        if span is not None:
+            rows.add(np.arange(*span), np.ones(span[1] - span[0]), 1.0, 1.0)  # (1)
+    for (u, w, r), start in zip(edges, edge_start, strict=True):
+        k_u, k_w = r.shape
+        e = start + np.arange(r.size).reshape(k_u, k_w)
+        rows.add(e.ravel(), np.ones(r.size), 1.0, 1.0)  # (2)
+        su, sw = group_columns[u], group_columns[w]
+        assert su is not None and sw is not None
+        for i in range(k_u):
+            rows.add(np.append(e[i], su[0] + i), _less_than_column(k_w), -np.inf, 0.0)  # (3)
+        for j in range(k_w):
+            rows.add(np.append(e[:, j], sw[0] + j), _less_than_column(k_u), -np.inf, 0.0)  # (4)
+    fixed = sum(float(m[0]) for m, span in zip(memory, group_columns, strict=True) if span is None)
+    free = [(span, m) for m, span in zip(memory, group_columns, strict=True) if span is not None]
+    rows.add(
+        np.concatenate([np.arange(*span) for span, _ in free] + [np.zeros(0, dtype=int)]),
+        np.concatenate([m for _, m in free] + [np.zeros(0)]),
+        -np.inf,
+        np.inf,
+    )  # (5), bounded by IlpSession.solve
+    integer = np.zeros(column, dtype=bool)
+    integer[:num_s] = True
+    return LinearModel(
+        cost, integer, *rows.arrays(), group_columns=tuple(group_columns), fixed_memory=fixed
     )
 
-    used = _run_solver(model, time_limit_s, solver)
-    if model.status == pulp.LpStatusInfeasible:
-        raise InfeasibleError(_smallest_memory_message(problem))
-    values = {v: [x.value() or 0.0 for x in s[v]] for v in free}
-    if any(max(vals) < 0.5 for vals in values.values()):
-        raise RuntimeError(
-            f"{used} stopped with status {pulp.LpStatus[model.status]!r} and no assignment; "
-            "raise the time limit"
+
+def _less_than_column(count: int) -> np.ndarray:
+    """Coefficients of ``Σ e − s ≤ 0`` over ``count`` edge variables and one ``s``."""
+    return np.append(np.ones(count), -1.0)
+
+
+class _Rows:
+    """Accumulates constraint rows into CSR arrays."""
+
+    def __init__(self) -> None:
+        self.columns: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+        self.lower: list[float] = []
+        self.upper: list[float] = []
+
+    def add(self, columns: np.ndarray, values: np.ndarray, lower: float, upper: float) -> None:
+        self.columns.append(np.asarray(columns, dtype=np.int32))
+        self.values.append(np.asarray(values, dtype=float))
+        self.lower.append(lower)
+        self.upper.append(upper)
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        starts = np.zeros(len(self.columns) + 1, dtype=np.int32)
+        starts[1:] = np.cumsum([len(c) for c in self.columns])
+        empty_int, empty = np.zeros(0, dtype=np.int32), np.zeros(0)
+        return (
+            np.asarray(self.lower, dtype=float),
+            np.asarray(self.upper, dtype=float),
+            starts,
+            np.concatenate(self.columns + [empty_int]),
+            np.concatenate(self.values + [empty]),
         )
-    choice = tuple(int(np.argmax(values[v])) if v in values else 0 for v in range(len(costs)))
-    return IlpResult(
-        choice=choice,
-        objective=problem.objective(choice),
-        num_variables=sum(len(x) for x in s.values()) + num_edge_vars,
-        num_constraints=num_constraints,
-        solve_time_s=time.perf_counter() - started,
-        solver=used,
-    )
+
+
+class _SolverFailed(Exception):
+    """The solver could not be run (not: the problem is infeasible)."""
+
+
+class _HighsModel:
+    """A ``LinearModel`` loaded into HiGHS (highspy), re-solvable under new budgets.
+
+    The LP relaxation is solved first (without presolve: these LPs are small, and a warm
+    basis is kept between budgets). When its optimum has every ``s`` at 0 or 1 it is optimal
+    for the ILP as well (its objective bounds the ILP's from below and it is a feasible ILP
+    point), and the branch-and-bound, whose set-up costs several times the LP on these
+    problems, is skipped. Otherwise the ILP is solved, and the integrality dropped again for
+    the next budget."""
+
+    def __init__(self, model: LinearModel, time_limit_s: float) -> None:
+        import highspy
+
+        self.model = model
+        self.integer = np.flatnonzero(model.integer).astype(np.int32)
+        highs = highspy.Highs()
+        highs.setOptionValue("output_flag", False)
+        highs.setOptionValue("time_limit", float(time_limit_s))
+        highs.setOptionValue("threads", 1)
+        highs.setOptionValue("mip_rel_gap", MIP_RELATIVE_GAP)
+        highs.setOptionValue("mip_abs_gap", MIP_ABSOLUTE_GAP)
+        n = model.num_columns
+        highs.addVars(n, np.zeros(n), np.ones(n))
+        highs.changeColsCost(n, np.arange(n, dtype=np.int32), model.cost)
+        highs.addRows(
+            model.num_rows,
+            model.row_lower,
+            model.row_upper,
+            len(model.values),
+            model.row_starts[:-1],
+            model.columns,
+            model.values,
+        )
+        self.highs = highs
+
+    def solve(self, budget_row_upper: float) -> tuple[str, np.ndarray | None]:
+        """``(status, x or None)`` with the budget row (5) bounded by ``budget_row_upper``."""
+        import highspy
+
+        highs, model = self.highs, self.model
+        if model.num_columns == 0:
+            return ("optimal" if budget_row_upper >= 0 else "infeasible"), np.zeros(0)
+        highs.changeRowBounds(model.num_rows - 1, -highspy.kHighsInf, budget_row_upper)
+        highs.setOptionValue("presolve", "off")
+        status, values = _run_highs(highs, model.num_columns)
+        if values is None or _is_integral(values[model.integer]):
+            return status, values
+        count = len(self.integer)
+        highs.changeColsIntegrality(
+            count, self.integer, np.full(count, highspy.HighsVarType.kInteger)
+        )
+        highs.setOptionValue("presolve", "on")
+        try:
+            return _run_highs(highs, model.num_columns)
+        finally:
+            highs.changeColsIntegrality(
+                count, self.integer, np.full(count, highspy.HighsVarType.kContinuous)
+            )
+
+
+def _run_highs(highs: Any, num_columns: int) -> tuple[str, np.ndarray | None]:
+    import highspy
+
+    if highs.run() == highspy.HighsStatus.kError:
+        raise _SolverFailed(highs.modelStatusToString(highs.getModelStatus()))
+    status = highs.getModelStatus()
+    if status == highspy.HighsModelStatus.kInfeasible:
+        return "infeasible", None
+    values = np.asarray(highs.getSolution().col_value)
+    return highs.modelStatusToString(status), values if len(values) == num_columns else None
+
+
+def _is_integral(values: np.ndarray) -> bool:
+    return bool(np.all(np.minimum(np.abs(values), np.abs(values - 1.0)) <= INTEGRALITY_TOLERANCE))
+
+
+def _solve_cbc(
+    model: LinearModel, budget_row_upper: float, time_limit_s: float
+) -> tuple[str, np.ndarray | None]:
+    """CBC through PuLP, from the same arrays; ``(status, x or None)``."""
+    lp = pulp.LpProblem("sharding", pulp.LpMinimize)
+    x = [
+        lp.add_variable(
+            f"x_{i}", 0, 1, cat=pulp.LpBinary if model.integer[i] else pulp.LpContinuous
+        )
+        for i in range(model.num_columns)
+    ]
+    for r in range(model.num_rows):
+        lo, hi = model.row_starts[r], model.row_starts[r + 1]
+        expr = pulp.lpDot([x[c] for c in model.columns[lo:hi]], model.values[lo:hi].tolist())
+        lower, upper = model.row_lower[r], model.row_upper[r]
+        if r == model.num_rows - 1:
+            upper = budget_row_upper
+        if lower == upper:
+            lp += expr == float(upper)
+        elif np.isfinite(upper):
+            lp += expr <= float(upper)
+    lp += pulp.lpDot(x, model.cost.tolist())
+    with warnings.catch_warnings():  # PuLP 3.3 flags its bundled CBC for removal in PuLP 4
+        warnings.simplefilter("ignore", DeprecationWarning)
+        cbc = pulp.PULP_CBC_CMD(
+            msg=False, timeLimit=time_limit_s, gapRel=MIP_RELATIVE_GAP, gapAbs=MIP_ABSOLUTE_GAP
+        )
+    lp.solve(cbc)
+    if lp.status == pulp.LpStatusInfeasible:
+        return "infeasible", None
+    return pulp.LpStatus[lp.status], np.array([v.value() or 0.0 for v in x])
+
+
+def _one_hot(model: LinearModel, x: np.ndarray) -> bool:
+    return all(span is None or x[span[0] : span[1]].max() > 0.5 for span in model.group_columns)
 
 
 def minimum_memory(problem: ShardingProblem) -> float:
@@ -160,35 +401,11 @@ def minimum_memory(problem: ShardingProblem) -> float:
     return float(sum(np.min(m) for m in problem.memory))
 
 
-def _smallest_memory_message(problem: ShardingProblem) -> str:
+def _smallest_memory_message(problem: ShardingProblem, budget: float | None) -> str:
     return (
-        f"no sharding fits the memory budget of {problem.memory_budget / 2**30:.2f} GiB per device; "
+        f"no sharding fits the memory budget of {(budget or 0.0) / 2**30:.2f} GiB per device; "
         f"the smallest any strategy needs is {minimum_memory(problem) / 2**30:.2f} GiB"
     )
-
-
-def _run_solver(model: pulp.LpProblem, time_limit_s: float, solver: str) -> str:
-    if solver == "highs":
-        try:
-            model.solve(
-                pulp.HiGHS(
-                    msg=False,
-                    timeLimit=time_limit_s,
-                    threads=1,
-                    gapRel=MIP_RELATIVE_GAP,
-                    gapAbs=MIP_ABSOLUTE_GAP,
-                )
-            )
-            return "highs"
-        except pulp.PulpSolverError as exc:
-            logger.warning("HiGHS failed (%s); falling back to CBC", exc)
-    with warnings.catch_warnings():  # PuLP 3.3 flags its bundled CBC for removal in PuLP 4
-        warnings.simplefilter("ignore", DeprecationWarning)
-        cbc = pulp.PULP_CBC_CMD(
-            msg=False, timeLimit=time_limit_s, gapRel=MIP_RELATIVE_GAP, gapAbs=MIP_ABSOLUTE_GAP
-        )
-    model.solve(cbc)
-    return "cbc"
 
 
 def _reduce_edges(

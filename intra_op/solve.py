@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import replace
 
 from hierarchical_ap.cluster import Cluster, LogicalMesh
 from hierarchical_ap.cost_model import CostModel
 from hierarchical_ap.errors import NoFeasiblePlanError
 from hierarchical_ap.graph import OpGraph
-from intra_op.cost_graph import FP32_ADAM, TrainingMemory, build_cost_graph
-from intra_op.ilp import InfeasibleError, minimum_memory, solve
+from intra_op.cost_graph import FP32_ADAM, CostGraph, TrainingMemory, build_cost_graph
+from intra_op.ilp import IlpSession, InfeasibleError, minimum_memory
 from intra_op.solution import ShardingSolution
 
 logger = logging.getLogger(__name__)
@@ -41,24 +40,49 @@ def solve_sharding(
     smallest plans, which the outer planner keeps for stages that are short of memory.
     Raises ``NoFeasiblePlanError`` when nothing fits.
     """
-    cost = cost_model or CostModel.for_cluster(cluster)
     cost_graph = build_cost_graph(
         graph,
         mesh,
-        cost,
+        cost_model or CostModel.for_cluster(cluster),
         nodes=nodes,
-        memory_budget_bytes=memory_budget_bytes,
         training_memory=training_memory,
         num_microbatches=num_microbatches,
     )
+    return solve_cost_graph(
+        cost_graph,
+        graph,
+        mesh,
+        cluster,
+        memory_budget_bytes=memory_budget_bytes,
+        lean=lean,
+        time_limit_s=time_limit_s,
+        solver=solver,
+    )
+
+
+def solve_cost_graph(
+    cost_graph: CostGraph,
+    graph: OpGraph,
+    mesh: LogicalMesh,
+    cluster: Cluster,
+    *,
+    memory_budget_bytes: float | None = None,
+    lean: bool = False,
+    time_limit_s: float = 60.0,
+    solver: str = "highs",
+    session: IlpSession | None = None,
+) -> ShardingSolution:
+    """``solve_sharding`` on a cost graph built already (``build_cost_graph``): the budget only
+    enters constraint (5), so one cost graph serves every memory budget of a part, and so does
+    one ``session`` (``IlpSession(cost_graph.problem)``), which re-solves from the last basis."""
+    if session is None:
+        session = IlpSession(cost_graph.problem, time_limit_s=time_limit_s, solver=solver)
+    budget = memory_budget_bytes
     if lean:
         least = minimum_memory(cost_graph.problem) * 1.01
-        budget = cost_graph.problem.memory_budget
-        cost_graph.problem = replace(
-            cost_graph.problem, memory_budget=least if budget is None else min(budget, least)
-        )
+        budget = least if budget is None else min(budget, least)
     try:
-        result = solve(cost_graph.problem, time_limit_s=time_limit_s, solver=solver)
+        result = session.solve(budget)
     except InfeasibleError as exc:
         raise NoFeasiblePlanError(
             f"{exc} on a {mesh.shape[0]}x{mesh.shape[1]} mesh of {cluster.device.name}; "

@@ -45,13 +45,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hierarchical_ap.cluster import Cluster
+from hierarchical_ap.cluster import Cluster, LogicalMesh
 from hierarchical_ap.cost_model import CostModel
 from hierarchical_ap.errors import NoFeasiblePlanError
 from hierarchical_ap.graph import OpGraph
-from intra_op import solve_sharding
-from intra_op.cost_graph import TrainingMemory
+from intra_op.cost_graph import CostGraph, TrainingMemory, build_cost_graph
+from intra_op.ilp import IlpSession
 from intra_op.placement import Placements, Shard
+from intra_op.solve import solve_cost_graph
 from stage_partitioner.layers import LayerPart, PlanningLayer
 from stage_partitioner.submeshes import submesh_shapes
 
@@ -198,7 +199,19 @@ class PartSolver:
     def _solve(self, nodes: Sequence[str], b: int, mesh: MeshChoice) -> tuple[PartCost | None, ...]:
         """The chain of memory levels of one part on one mesh."""
         graph = _graph_at(self.graph, b)
-        levels: list[PartCost | None] = [self._solve_one(graph, nodes, b, mesh, None, False)]
+        hosts, per_host = mesh.submesh
+        logical = self.cluster.submesh(hosts, per_host).logical_mesh(mesh.logical)
+        cost_graph = build_cost_graph(
+            graph,
+            logical,
+            self.cost_model,
+            nodes=nodes,
+            training_memory=self.training_memory,
+            num_microbatches=self.num_microbatches_of(b),
+        )
+        session = IlpSession(cost_graph.problem, time_limit_s=self.time_limit_s)
+        part = _Part(graph, nodes, logical, cost_graph, session)
+        levels: list[PartCost | None] = [self._solve_one(part, None, False)]
         if levels[0] is None:
             return (None,) * MEMORY_LEVELS
         lean: PartCost | None = None
@@ -208,38 +221,26 @@ class PartSolver:
             if previous is not None and previous.memory_bytes <= budget:
                 levels.append(previous)
                 continue
-            answer = self._solve_one(graph, nodes, b, mesh, budget, False)
+            answer = self._solve_one(part, budget, False)
             if answer is None:
-                lean = lean or self._solve_one(graph, nodes, b, mesh, None, True)
+                lean = lean or self._solve_one(part, None, True)
                 answer = lean
             levels.append(answer)
-        lean = lean or self._solve_one(graph, nodes, b, mesh, None, True)
+        lean = lean or self._solve_one(part, None, True)
         levels.append(lean)
         return tuple(levels)
 
-    def _solve_one(
-        self,
-        graph: OpGraph,
-        nodes: Sequence[str],
-        b: int,
-        mesh: MeshChoice,
-        budget: float | None,
-        lean: bool,
-    ) -> PartCost | None:
-        hosts, per_host = mesh.submesh
-        logical = self.cluster.submesh(hosts, per_host).logical_mesh(mesh.logical)
+    def _solve_one(self, part: _Part, budget: float | None, lean: bool) -> PartCost | None:
+        graph, nodes = part.graph, part.nodes
         try:
-            solution = solve_sharding(
+            solution = solve_cost_graph(
+                part.cost_graph,
                 graph,
-                logical,
+                part.mesh,
                 self.cluster,
-                nodes=nodes,
                 memory_budget_bytes=budget,
-                cost_model=self.cost_model,
-                training_memory=self.training_memory,
-                num_microbatches=self.num_microbatches_of(b),
                 lean=lean,
-                time_limit_s=self.time_limit_s,
+                session=part.session,
             )
         except NoFeasiblePlanError:
             return None
@@ -250,12 +251,24 @@ class PartSolver:
             gradient_sync_s=solution.gradient_sync_s,
             state_bytes=solution.state_bytes_per_device,
             activation_bytes=solution.activation_bytes_per_device,
-            input_bytes=_external_input_bytes(graph, nodes) / mesh.logical[0],
+            input_bytes=_external_input_bytes(graph, nodes) / part.mesh.shape[0],
             param_placements={
                 fqn[len(prefix) :]: placement_strings(p)
                 for fqn, p in solution.param_placements.items()
             },
         )
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One part on one mesh at one micro-batch size, with its cost graph and ILP session (built
+    once for all memory levels)."""
+
+    graph: OpGraph
+    nodes: Sequence[str]
+    mesh: LogicalMesh
+    cost_graph: CostGraph
+    session: IlpSession
 
 
 _SOLVER: PartSolver | None = None

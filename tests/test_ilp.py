@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
 
-from intra_op.ilp import InfeasibleError, ShardingProblem, minimum_memory, solve
+from intra_op.ilp import (
+    IlpSession,
+    InfeasibleError,
+    ShardingProblem,
+    build_model,
+    minimum_memory,
+    solve,
+)
 
 
 def random_problem(
@@ -77,3 +85,69 @@ def test_infeasible_budget_names_the_smallest_memory():
     )
     with pytest.raises(InfeasibleError, match="smallest any strategy needs is"):
         solve(tight)
+
+
+def test_fractional_lp_relaxation_falls_through_to_branch_and_bound():
+    """A knapsack-like budget makes the LP relaxation split a group between two strategies;
+    the answer must still be the integer optimum, not a rounded LP point."""
+    costs = [np.array([0.0, 3.0]), np.array([0.0, 2.0])]
+    memory = [np.array([6.0, 1.0]), np.array([6.0, 1.0])]
+    problem = ShardingProblem(costs, memory, [], memory_budget=8.0)
+    lp = _lp_relaxation(problem)
+    assert not np.allclose(lp, np.round(lp))  # the relaxation is fractional here
+    result = solve(problem)
+    assert result.objective == pytest.approx(brute_force(problem)) == pytest.approx(2.0)
+    assert result.choice == (0, 1)
+
+
+def test_integral_lp_relaxation_is_the_ilp_optimum():
+    """Without a budget these problems' relaxations are integral (the local polytope of a
+    tree); the LP answer is then returned as the ILP's and equals brute force."""
+    problem = random_problem(np.random.default_rng(5), groups=8, budget_fraction=None)
+    lp = _lp_relaxation(problem)
+    model = build_model(problem)
+    assert np.allclose(lp[model.integer], np.round(lp[model.integer]))
+    assert solve(problem).objective == pytest.approx(brute_force(problem), rel=1e-7)
+
+
+def _lp_relaxation(problem: ShardingProblem) -> np.ndarray:
+    """The relaxation's optimum, solved independently of ``solve`` (CBC with no integers)."""
+    import pulp
+
+    model = build_model(problem)
+    lp = pulp.LpProblem("relaxation", pulp.LpMinimize)
+    x = [lp.add_variable(f"x{i}", 0, 1) for i in range(model.num_columns)]
+    for r in range(model.num_rows):
+        lo, hi = model.row_starts[r], model.row_starts[r + 1]
+        expr = pulp.lpDot([x[c] for c in model.columns[lo:hi]], model.values[lo:hi].tolist())
+        upper = model.row_upper[r]
+        if r == model.num_rows - 1:  # the budget row (5)
+            if problem.memory_budget is None:
+                continue
+            upper = problem.memory_budget - model.fixed_memory
+        lp += (expr == upper) if model.row_lower[r] == upper else (expr <= upper)
+    lp += pulp.lpDot(x, model.cost.tolist())
+    with warnings.catch_warnings():  # PuLP 3.3 flags its bundled CBC for removal in PuLP 4
+        warnings.simplefilter("ignore", DeprecationWarning)
+        lp.solve(pulp.PULP_CBC_CMD(msg=False))
+    return np.array([v.value() for v in x])
+
+
+@pytest.mark.parametrize("solver", ["highs", "cbc"])
+def test_session_resolves_under_changing_budgets_like_fresh_solves(solver):
+    """One session, budgets tightened, loosened and made infeasible in turn: every answer
+    equals brute force on the problem with that budget (the kept basis changes nothing)."""
+    problem = random_problem(np.random.default_rng(11), groups=7, budget_fraction=None)
+    session = IlpSession(problem, solver=solver)
+    lo = minimum_memory(problem)
+    hi = sum(m.max() for m in problem.memory)
+    for budget in (None, lo + 0.2 * (hi - lo), lo + 0.6 * (hi - lo), lo * 0.9, lo * 1.001, None):
+        with_budget = ShardingProblem(problem.costs, problem.memory, problem.edges, budget)
+        if budget is not None and budget < lo:
+            with pytest.raises(InfeasibleError):
+                session.solve(budget)
+            continue
+        result = session.solve(budget)
+        assert result.objective == pytest.approx(brute_force(with_budget), rel=1e-7, abs=1e-9)
+        if budget is not None:
+            assert problem.memory_of(result.choice) <= budget + 1e-9
