@@ -14,8 +14,9 @@ micro-batches):
    here.
 
 The best few of each are simulated (``stage_partitioner.simulator``: event timeline, transfers,
-gradient sync, exact in-flight memory), and the fastest that fits the memory budget becomes
-the ``ParallelPlan``. The ILPs behind every table are solved once per (part kind, mesh, b,
+gradient sync, exact in-flight memory), in order of a lower bound on their step time so that
+those that cannot beat a fitting one are skipped, and the fastest that fits the memory budget
+becomes the ``ParallelPlan``. The ILPs behind every table are solved once per (part kind, mesh, b,
 memory level) in parallel worker processes.
 """
 
@@ -34,6 +35,7 @@ from hierarchical_ap.cost_model import CostModel
 from hierarchical_ap.errors import NoFeasiblePlanError, PlannerOptionError
 from hierarchical_ap.graph import OpGraph
 from hierarchical_ap.plan import ParallelPlan, PlanLayer, PlanStage, model_fingerprint
+from hierarchical_ap.schedules import makespan_lower_bound
 from intra_op.cost_graph import TrainingMemory
 from stage_partitioner import dp
 from stage_partitioner.layers import PlanningLayer, block_layers, planning_layers
@@ -158,7 +160,7 @@ def plan_in_context(
         candidates += _uniform_candidates(context, fine, b)
     if progress:
         progress("stage DP", len(microbatches), len(microbatches))
-    simulated = _simulate_all(context, candidates, progress)
+    simulated = _simulate_best(context, candidates, progress)
     fitting = [r for r in simulated if r[1].peak_memory_bytes <= context.budget]
     if not fitting:
         smallest = simulated + _simulate_all(
@@ -295,6 +297,53 @@ def submesh_of(devices: int, per_host: int) -> tuple[int, int]:
     if devices <= per_host:
         return (1, devices)
     return (devices // per_host, per_host) if devices % per_host == 0 else (0, 0)
+
+
+def _simulate_best(
+    context: PlanningContext, candidates: list[Candidate], progress: Progress | None
+) -> list[tuple[Candidate, Simulation]]:
+    """The candidates that may be the fastest that fits, with their simulations.
+
+    Candidates are simulated in order of ``schedules.makespan_lower_bound`` of their stage
+    times; once a simulated candidate fits memory, every candidate whose bound is no better
+    than its step time is skipped (it cannot be faster). When none fits, all are simulated.
+    """
+    bounded = []
+    for candidate in candidates:
+        bound = _lower_bound(context, candidate)
+        if bound is not None:
+            bounded.append((bound, candidate))
+    bounded.sort(key=lambda item: item[0])
+    simulated = []
+    best = math.inf
+    for index, (bound, candidate) in enumerate(bounded):
+        if progress:
+            progress("simulating", index, len(bounded))
+        if bound >= best:
+            break
+        simulation = context.simulator.simulate(candidate)
+        if simulation is None:
+            continue
+        simulated.append((candidate, simulation))
+        if simulation.peak_memory_bytes <= context.budget:
+            best = min(best, simulation.step_time_s)
+    if progress:
+        progress("simulating", len(bounded), len(bounded))
+    return simulated
+
+
+def _lower_bound(context: PlanningContext, candidate: Candidate) -> float | None:
+    """``makespan_lower_bound`` of a candidate's stage times; ``None`` if a stage cannot run."""
+    context.simulator.ensure_solved(candidate)
+    estimates = [context.simulator.estimate(candidate, i) for i in range(len(candidate.ranges))]
+    if any(e is None for e in estimates):
+        return None
+    return makespan_lower_bound(
+        [e.forward_s for e in estimates],
+        [e.backward_s for e in estimates],
+        candidate.num_microbatches,
+        candidate.virtual_stages,
+    )
 
 
 def _simulate_all(

@@ -17,6 +17,7 @@ from hierarchical_ap.schedules import (
     gpipe,
     in_flight,
     interleaved_one_f_one_b,
+    makespan_lower_bound,
     one_f_one_b,
     simulate,
     validate_schedule,
@@ -232,6 +233,21 @@ def test_send_time_shifts_the_makespan():
     p, m = 4, 8
     timeline = simulate(gpipe(p, m), [1.0] * p, [2.0] * p, send_time=[0.25] * (p - 1))
     assert timeline.makespan == (m + p - 1) * 3.0 + 2 * (p - 1) * 0.25
+
+
+@pytest.mark.parametrize(("name", "p", "m", "v"), grid())
+def test_makespan_lower_bound_holds_and_is_tight_for_equal_stages(name, p, m, v):
+    rng = random.Random(hash((name, p, m, v)) % 1000)
+    stages = p * v
+    fwd = [float(rng.randint(1, 9)) for _ in range(stages)]
+    bwd = [float(rng.randint(1, 9)) for _ in range(stages)]
+    schedule = build_schedule(name, p, m, v)
+    for f, b in ((fwd, bwd), ([1.0] * stages, [2.0] * stages)):
+        bound = makespan_lower_bound(f, b, m, v)
+        assert bound <= simulate(schedule, f, b, virtual_stages=v).makespan + 1e-9
+    # equal chunks of f + b = 3: the bound is the exact makespan, (m v + p - 1) chunk times
+    assert bound == pytest.approx(simulate(schedule, f, b, virtual_stages=v).makespan)
+    assert bound == pytest.approx((m * v + p - 1) * 3.0)
 
 
 def test_large_pipeline_is_fast():
