@@ -36,7 +36,9 @@ limit.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -283,11 +285,37 @@ class _SolverFailed(Exception):
     """The solver could not be run (not: the problem is infeasible)."""
 
 
+_HIGHS_BANNER_SHOWN = False
+
+
+def _new_highs(highspy: Any) -> Any:
+    """A ``highspy.Highs`` instance. The library prints its banner on C ``stdout`` the first
+    time a process builds one, which would corrupt ``hap plan --json`` and ``hap simulate
+    --json``; that first construction runs with file descriptor 1 pointed at ``/dev/null``
+    (forked ILP workers inherit the shown state)."""
+    global _HIGHS_BANNER_SHOWN
+    if _HIGHS_BANNER_SHOWN:
+        return highspy.Highs()
+    libc = ctypes.CDLL(None)
+    libc.fflush(None)
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        highs = highspy.Highs()
+        libc.fflush(None)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+    _HIGHS_BANNER_SHOWN = True
+    return highs
+
+
 class _HighsModel:
     """A ``LinearModel`` loaded into HiGHS (highspy), re-solvable under new budgets.
 
-    The LP relaxation is solved first (without presolve: these LPs are small, and a warm
-    basis is kept between budgets). When its optimum has every ``s`` at 0 or 1 it is optimal
+    The LP relaxation is solved first (a warm basis is kept between budgets). When its optimum has every ``s`` at 0 or 1 it is optimal
     for the ILP as well (its objective bounds the ILP's from below and it is a feasible ILP
     point), and the branch-and-bound, whose set-up costs several times the LP on these
     problems, is skipped. Otherwise the ILP is solved, and the integrality dropped again for
@@ -298,12 +326,16 @@ class _HighsModel:
 
         self.model = model
         self.integer = np.flatnonzero(model.integer).astype(np.int32)
-        highs = highspy.Highs()
+        highs = _new_highs(highspy)
         highs.setOptionValue("output_flag", False)
         highs.setOptionValue("time_limit", float(time_limit_s))
         highs.setOptionValue("threads", 1)
         highs.setOptionValue("mip_rel_gap", MIP_RELATIVE_GAP)
         highs.setOptionValue("mip_abs_gap", MIP_ABSOLUTE_GAP)
+        # Presolve and restarts cost more than they save on these problems: the ILPs that
+        # reach branch-and-bound are solved at or near the root, about twice as fast without.
+        highs.setOptionValue("presolve", "off")
+        highs.setOptionValue("mip_allow_restart", False)
         n = model.num_columns
         highs.addVars(n, np.zeros(n), np.ones(n))
         highs.changeColsCost(n, np.arange(n, dtype=np.int32), model.cost)
@@ -326,7 +358,6 @@ class _HighsModel:
         if model.num_columns == 0:
             return ("optimal" if budget_row_upper >= 0 else "infeasible"), np.zeros(0)
         highs.changeRowBounds(model.num_rows - 1, -highspy.kHighsInf, budget_row_upper)
-        highs.setOptionValue("presolve", "off")
         status, values = _run_highs(highs, model.num_columns)
         if values is None or _is_integral(values[model.integer]):
             return status, values
@@ -334,7 +365,6 @@ class _HighsModel:
         highs.changeColsIntegrality(
             count, self.integer, np.full(count, highspy.HighsVarType.kInteger)
         )
-        highs.setOptionValue("presolve", "on")
         try:
             return _run_highs(highs, model.num_columns)
         finally:
