@@ -33,3 +33,15 @@ class PlanError(HapError, ValueError):
 
 class PlannerOptionError(HapError, ValueError):
     """Planner or parallel-configuration options that cannot be used (batch, degrees, schedule)."""
+
+
+class WorkerFailedError(HapError, RuntimeError):
+    """A runtime worker died or failed during a step; names its pipeline stage and rank."""
+
+    def __init__(self, message: str, *, stage: int | None = None, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.rank = rank
+
+    def __reduce__(self) -> tuple[type[WorkerFailedError], tuple[str], dict[str, int | None]]:
+        return type(self), (str(self),), {"stage": self.stage, "rank": self.rank}

@@ -38,13 +38,20 @@ Where DTensor (torch 2.13) falls short, the program steps in:
 ``propagate_solution`` runs the graph once, with only the parameters and inputs placed, and
 records the placements DTensor's own sharding rules give every node: a complete, runnable
 ``ShardingSolution`` (DTensor's default plan for those placements).
+
+Parts of a graph (pipeline stages). ``apply(..., nodes=names)`` builds a program that holds only
+the parameters and buffers those nodes read and runs only them: ``ShardedProgram.run_part(
+values, outputs)`` takes the values the part reads from outside (graph user inputs and other
+nodes' outputs, by name; full tensors or DTensors) and returns the named values it computes.
+Values from outside are placed as ``solution.input_placements`` says (replicated when it names
+none). ``propagate_solution(..., nodes=names)`` records DTensor's placements for a part.
 """
 
 from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -74,6 +81,7 @@ __all__ = [
     "InvalidSolutionError",
     "ShardedProgram",
     "ShardingExecutionError",
+    "ShardingSolution",
     "apply",
     "full_value",
     "propagate_solution",
@@ -102,6 +110,8 @@ def apply(
     solution: ShardingSolution,
     device_mesh: DeviceMesh,
     state: Mapping[str, torch.Tensor] | nn.Module | None = None,
+    *,
+    nodes: Collection[str] | None = None,
 ) -> ShardedProgram:
     """The program that runs ``graph`` sharded as ``solution`` says on ``device_mesh``.
 
@@ -109,10 +119,12 @@ def apply(
     model's ``state_dict()`` plus its non-persistent buffers, or is the original module itself;
     every rank passes the same values (rank 0's are used). Without it, parameters and buffers
     are allocated uninitialised for ``ShardedProgram.load_full_state_dict`` or a shard-by-shard
-    initialisation. Raises ``InvalidSolutionError`` when the solution misses or misfits a value.
+    initialisation. ``nodes`` restricts the program to those nodes (a pipeline stage; see the
+    module docstring). Raises ``InvalidSolutionError`` when the solution misses or misfits a
+    value.
     """
-    validate_solution(graph, solution, tuple(device_mesh.shape))
-    return ShardedProgram(graph, solution, device_mesh, state)
+    validate_solution(graph, solution, tuple(device_mesh.shape), nodes=nodes)
+    return ShardedProgram(graph, solution, device_mesh, state, nodes=nodes)
 
 
 def full_value(value: Any) -> Any:
@@ -125,8 +137,10 @@ def propagate_solution(
     device_mesh: DeviceMesh,
     param_placements: Mapping[str, Placements],
     input_placements: Mapping[str, Placements],
-    inputs: Sequence[Any],
+    inputs: Sequence[Any] | Mapping[str, Any],
     state: Mapping[str, torch.Tensor] | nn.Module | None = None,
+    *,
+    nodes: Collection[str] | None = None,
 ) -> ShardingSolution:
     """The solution DTensor's own sharding rules pick, given parameter and input placements.
 
@@ -134,7 +148,8 @@ def propagate_solution(
     takes them) and records the placements of every node's tensor inputs and outputs. Nothing
     is redistributed on purpose, except where DTensor cannot run a node as its inputs are
     placed (that node then runs on replicated inputs) or computes it wrongly (see
-    ``_supported_input``).
+    ``_supported_input``). With ``nodes`` only those nodes run, and ``inputs`` maps the values
+    they read from outside to tensors, as ``ShardedProgram.run_part`` takes them.
     """
     solution = ShardingSolution(
         mesh_shape=tuple(device_mesh.shape),  # type: ignore[arg-type]
@@ -143,26 +158,37 @@ def propagate_solution(
         node_inputs={},
         node_outputs={},
     )
-    _check_leaf_placements(graph, solution, device_mesh.ndim)
-    program = ShardedProgram(graph, solution, device_mesh, state)
+    _check_leaf_placements(graph, solution, device_mesh.ndim, nodes)
+    program = ShardedProgram(graph, solution, device_mesh, state, nodes=nodes)
+    recorder = _Recorder(solution, device_mesh.ndim)
     with torch.no_grad():
-        program._run(inputs, _Recorder(solution, device_mesh.ndim))
+        if nodes is None:
+            program._run(inputs, recorder)  # type: ignore[arg-type]
+        else:
+            program._run_part(inputs, (), recorder)  # type: ignore[arg-type]
     return solution
 
 
 def validate_solution(
-    graph: OpGraph, solution: ShardingSolution, mesh_shape: Sequence[int]
+    graph: OpGraph,
+    solution: ShardingSolution,
+    mesh_shape: Sequence[int],
+    *,
+    nodes: Collection[str] | None = None,
 ) -> None:
     """Raise ``InvalidSolutionError`` unless ``solution`` places every parameter, input and
-    executed node of ``graph`` on a mesh of ``mesh_shape``, with shard dims the tensors have."""
+    executed node of ``graph`` (of ``nodes`` and what they read, when given) on a mesh of
+    ``mesh_shape``, with shard dims the tensors have."""
     if tuple(solution.mesh_shape) != tuple(mesh_shape):
         raise InvalidSolutionError(
             f"the solution is for a {tuple(solution.mesh_shape)} mesh but the device mesh is "
             f"{tuple(mesh_shape)}; solve for the mesh the program runs on"
         )
-    _check_leaf_placements(graph, solution, len(mesh_shape))
+    _check_leaf_placements(graph, solution, len(mesh_shape), nodes)
     for fx_node in graph.graph_module.graph.nodes:
         if fx_node.op != "call_function" or fx_node.target in SKIPPED_OPS:
+            continue
+        if nodes is not None and fx_node.name not in nodes:
             continue
         name = fx_node.name
         node = graph.nodes[name]
@@ -194,8 +220,33 @@ def validate_solution(
             )
 
 
-def _check_leaf_placements(graph: OpGraph, solution: ShardingSolution, mesh_ndim: int) -> None:
-    for fqn, meta in graph.param_shapes.items():
+def _read_placeholders(graph: OpGraph, nodes: Collection[str] | None) -> set[str] | None:
+    """Names of the graph inputs (placeholders) that ``nodes`` read; ``None``: all nodes."""
+    if nodes is None:
+        return None
+    return {
+        value.name
+        for node in graph.graph_module.graph.nodes
+        if node.name in nodes
+        for value in node.all_input_nodes
+        if value.op == "placeholder"
+    }
+
+
+def _check_leaf_placements(
+    graph: OpGraph,
+    solution: ShardingSolution,
+    mesh_ndim: int,
+    nodes: Collection[str] | None = None,
+) -> None:
+    read = _read_placeholders(graph, nodes)
+    params = (
+        graph.param_shapes
+        if read is None
+        else {graph.value_to_param[v]: None for v in read if v in graph.value_to_param}
+    )
+    for fqn in params:
+        meta = graph.param_shapes[fqn]
         if fqn not in solution.param_placements:
             raise InvalidSolutionError(
                 f"the solution has no placement for parameter '{fqn}'; add it to "
@@ -206,6 +257,8 @@ def _check_leaf_placements(graph: OpGraph, solution: ShardingSolution, mesh_ndim
         if value in graph.input_values:  # buffers may be placed too (replicated if not)
             _check_fits(f"graph input '{value}'", graph.input_values[value], placements, mesh_ndim)
     for value in [*graph.model_inputs, *graph.target_inputs]:
+        if read is not None and value not in read:
+            continue
         if value not in solution.input_placements:
             raise InvalidSolutionError(
                 f"the solution has no placement for graph input '{value}'; add it to "
@@ -366,9 +419,15 @@ class ShardedProgram(nn.Module):
         solution: ShardingSolution,
         device_mesh: DeviceMesh,
         state: Mapping[str, torch.Tensor] | nn.Module | None = None,
+        *,
+        nodes: Collection[str] | None = None,
     ) -> None:
         super().__init__()
         self._graph = graph
+        self._part = None if nodes is None else frozenset(nodes)
+        """The nodes this program runs (``None``: the whole graph)."""
+        self._read = _read_placeholders(graph, nodes)
+        self._params_by_fqn: dict[str, nn.Parameter] = {}
         self._solution = solution
         self._mesh = device_mesh
         self._device = torch.device(device_mesh.device_type)
@@ -381,7 +440,7 @@ class ShardedProgram(nn.Module):
                 torch.device, lambda _: self._device, (node.args, node.kwargs)
             )
             for node in graph.graph_module.graph.nodes
-            if node.op == "call_function"
+            if node.op == "call_function" and (self._part is None or node.name in self._part)
         }
         self._written = {node: _written_inputs(node) for node in self._call_args}
         self._last_uses = _last_uses(graph.graph_module.graph)
@@ -400,8 +459,21 @@ class ShardedProgram(nn.Module):
     def device_mesh(self) -> DeviceMesh:
         return self._mesh
 
+    def parameters_by_fqn(self) -> dict[str, nn.Parameter]:
+        """The program's parameters keyed like the original model's (one entry per tied
+        group, at its first name in the graph)."""
+        return dict(self._params_by_fqn)
+
     def forward(self, *inputs: Any) -> Any:
+        if self._part is not None:
+            raise RuntimeError("a program of part of a graph runs with run_part, not forward")
         return self._run(inputs, _FollowSolution(self._solution))
+
+    def run_part(self, values: Mapping[str, Any], outputs: Sequence[str]) -> dict[str, Any]:
+        """Run this program's nodes on ``values`` (graph user inputs and outside nodes'
+        outputs the part reads, by name) and return the named values ``outputs`` (computed
+        here or given), as DTensors."""
+        return self._run_part(values, outputs, _FollowSolution(self._solution))
 
     def load_full_state_dict(self, state: Mapping[str, torch.Tensor] | nn.Module) -> None:
         """Copy full tensors into the sharded parameters and buffers (each rank keeps its
@@ -448,11 +520,59 @@ class ShardedProgram(nn.Module):
             raise ValueError(f"the program takes {num_user} tensor inputs; more were given")
         return result
 
+    def _run_part(self, values: Mapping[str, Any], outputs: Sequence[str], placer: _Placer) -> Any:
+        """Execute the part's nodes, values from outside taken from ``values``."""
+        env: dict[fx.Node, Any] = {}
+        keep = set(outputs)
+        by_name: dict[str, Any] = {}
+        for node in self._graph.graph_module.graph.nodes:
+            if node.name in values:
+                env[node] = self._outside_value(node.name, values[node.name])
+            elif node.op == "placeholder" and (self._read is None or node.name in self._read):
+                kind, _ = self._placeholders[node.name]
+                if kind == "input":
+                    raise ValueError(f"the part reads graph input '{node.name}'; pass it in values")
+                env[node] = self._placeholder_value(node, iter(()), 0)
+            elif node in self._call_args and node.target not in SKIPPED_OPS:
+                env[node] = self._call(node, env, placer)
+            else:
+                continue
+            if node.name in keep:
+                by_name[node.name] = env[node]
+            for value in self._last_uses.get(node, ()):
+                if value.name not in keep:
+                    env.pop(value, None)
+        missing = sorted(keep - set(by_name))
+        if missing:
+            raise ValueError(f"the part neither computes nor receives {missing}")
+        return by_name
+
+    def _outside_value(self, name: str, value: Any) -> Any:
+        """A value from outside the part, placed as the solution's ``input_placements``."""
+        if not isinstance(value, torch.Tensor):
+            return value
+        placements = self._solution.input_placements.get(name, replicated(self._mesh.ndim))
+        if isinstance(value, DTensor):
+            return self._redistribute(value, placements, f"value '{name}' from outside the part")
+        return distribute_tensor(value.to(self._device), self._mesh, placements, src_data_rank=None)
+
     def _build_state(self, graph: OpGraph) -> None:
-        """Allocate every parameter and buffer as an uninitialised DTensor, at its FQN."""
-        params: dict[str, nn.Parameter] = {}
+        """Allocate every parameter and buffer the program reads as an uninitialised DTensor,
+        at its FQN."""
+        params = self._params_by_fqn
         for spec in graph.exported.graph_signature.input_specs:
             name = spec.arg.name
+            if (
+                self._read is not None
+                and name not in self._read
+                and spec.kind
+                in (
+                    InputKind.PARAMETER,
+                    InputKind.BUFFER,
+                    InputKind.CONSTANT_TENSOR,
+                )
+            ):
+                continue
             if spec.kind is InputKind.PARAMETER:
                 fqn = graph.value_to_param[name]
                 if fqn not in params:
@@ -512,7 +632,7 @@ class ShardedProgram(nn.Module):
     def _placeholder_value(self, node: fx.Node, user_values: Any, num_user: int) -> Any:
         kind, key = self._placeholders[node.name]
         if kind == "parameter":
-            return self._pin_gradient(self.get_parameter(key))
+            return self._pin_gradient(self._params_by_fqn[key])
         if kind == "buffer":
             return self.get_buffer(key)
         if kind == "constant":

@@ -1,0 +1,181 @@
+"""The front door: ``compile_parallel`` turns a model and a cluster into a running executable.
+
+``compile_parallel`` captures the model once (meta device, dynamic batch), takes the plan it is
+given (a ``ParallelPlan`` or a path to plan JSON, checked against the captured model and the
+cluster) or searches one with ``stage_partitioner``, and starts the Ray runtime on it.
+``manual_plan`` builds the plan of a Megatron-style configuration ``(tp, pp, dp, micro-batch,
+schedule, v)`` priced by the planner's own costs, for runs that fix the parallelism by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hierarchical_ap.cluster import Cluster
+from hierarchical_ap.errors import PlanError
+from hierarchical_ap.graph import OpGraph, capture
+from hierarchical_ap.plan import ParallelPlan
+from runtime.executable import ParallelExecutable
+from runtime.worker import OptimizerFn, is_on_meta, meta_copy, model_leaves, to_meta
+
+__all__ = ["ParallelExecutable", "compile_parallel", "manual_plan", "search_plan"]
+
+PlanSource = ParallelPlan | str | os.PathLike[str] | None
+
+
+def capture_for_planning(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    targets: Any = None,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+) -> OpGraph:
+    """The model (a meta-device copy when it has weights) captured with a dynamic batch."""
+    if not is_on_meta(model):
+        model = meta_copy(model)
+    return capture(
+        model,
+        to_meta(example_inputs),
+        loss_fn=loss_fn,
+        targets=to_meta(targets),
+        dynamic_batch=True,
+    )
+
+
+def global_batch_of(example_inputs: Any) -> int:
+    leaves = model_leaves(example_inputs)
+    if not leaves or not all(isinstance(t, torch.Tensor) and t.ndim > 0 for t in leaves):
+        raise ValueError(
+            "example_inputs must hold tensors whose dim 0 is the batch; got "
+            f"{[type(t).__name__ for t in leaves]}"
+        )
+    return int(leaves[0].shape[0])
+
+
+def search_plan(
+    model: nn.Module,
+    cluster: Cluster,
+    example_inputs: Any,
+    *,
+    targets: Any = None,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    graph: OpGraph | None = None,
+) -> ParallelPlan:
+    """The planner's best plan for training ``model`` on ``cluster`` (fp32, Adam memory);
+    ``graph`` is the model's ``capture_for_planning`` when the caller has it already."""
+    from stage_partitioner.model_planning import training_memory_for
+    from stage_partitioner.planner import PlannerOptions, plan_parallel
+
+    if graph is None:
+        graph = capture_for_planning(model, example_inputs, targets=targets, loss_fn=loss_fn)
+    plan, _ = plan_parallel(
+        graph,
+        cluster,
+        PlannerOptions(global_batch=global_batch_of(example_inputs)),
+        training_memory=training_memory_for("fp32"),
+        model_name=type(model).__name__,
+    )
+    return plan
+
+
+def manual_plan(
+    model: nn.Module,
+    cluster: Cluster,
+    example_inputs: Any,
+    *,
+    tp: int,
+    pp: int,
+    dp: int,
+    micro_batch_size: int,
+    schedule: str = "1f1b",
+    virtual_stages: int = 1,
+    targets: Any = None,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+) -> ParallelPlan:
+    """The plan of a Megatron-style configuration: ``pp·v`` equal chunks of the model's blocks,
+    each rank a ``(dp, tp)`` mesh, ``dp·micro_batch_size`` sequences per micro-batch, and per
+    stage the intra-op ILP's parameter placements on that mesh."""
+    from stage_partitioner.manual import ManualConfig, simulate_manual
+    from stage_partitioner.model_planning import planning_context
+    from stage_partitioner.planner import PlannerOptions, to_parallel_plan
+
+    graph = capture_for_planning(model, example_inputs, targets=targets, loss_fn=loss_fn)
+    options = PlannerOptions(global_batch=global_batch_of(example_inputs), workers=1)
+    context = planning_context(graph, cluster, options, "fp32")
+    config = ManualConfig(
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        micro_batch_size=micro_batch_size,
+        schedule=schedule,
+        virtual_stages=virtual_stages,
+    )
+    result = simulate_manual(context, config)
+    if result is None:
+        raise PlanError(f"{config.describe()} has no sharding on this cluster's meshes")
+    candidate, simulation = result
+    return to_parallel_plan(
+        candidate,
+        simulation,
+        graph,
+        cluster,
+        context.solver,
+        model_name=type(model).__name__,
+        precision="fp32",
+        notes=(config.describe(),),
+    )
+
+
+def compile_parallel(
+    model: nn.Module,
+    cluster: Cluster,
+    *,
+    example_inputs: Any,
+    targets: Any = None,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    optimizer_fn: OptimizerFn,
+    plan: PlanSource = None,
+    init_seed: int = 0,
+    timeout_s: float = 60.0,
+) -> ParallelExecutable:
+    """Plan (unless ``plan`` is given) and start training ``model`` on ``cluster``.
+
+    ``example_inputs`` is one global batch (tuple or dict of tensors, dim 0 the batch),
+    ``targets`` what ``loss_fn(model(*inputs), targets)`` takes (omit ``loss_fn`` when the
+    model returns a scalar loss), ``optimizer_fn(params)`` builds the optimizer on each
+    worker's parameter shards. A meta-device model is initialised on the workers by its own
+    ``reset_parameters`` / ``init_weights`` under ``torch.manual_seed(init_seed)``.
+    ``timeout_s`` bounds collectives and the start-up. Raises ``PlanError`` when the plan does
+    not match the model or cluster.
+    """
+    graph = capture_for_planning(model, example_inputs, targets=targets, loss_fn=loss_fn)
+    if plan is None:
+        plan = search_plan(
+            model, cluster, example_inputs, targets=targets, loss_fn=loss_fn, graph=graph
+        )
+    elif not isinstance(plan, ParallelPlan):
+        plan = ParallelPlan.load(Path(plan))
+    plan.check_matches(graph, cluster)
+    batch = global_batch_of(example_inputs)
+    if batch != plan.global_batch:
+        raise PlanError(
+            f"the plan is for a global batch of {plan.global_batch} but example_inputs hold "
+            f"{batch}; pass a batch of {plan.global_batch} or re-plan for {batch}"
+        )
+    return ParallelExecutable.start(
+        plan,
+        cluster,
+        model,
+        example_inputs,
+        targets,
+        loss_fn,
+        optimizer_fn,
+        init_seed=init_seed,
+        timeout_s=timeout_s,
+    )

@@ -1,0 +1,265 @@
+"""``ParallelExecutable``: the driver's handle on a plan running on Ray workers.
+
+``train_step(inputs, targets)`` checks the batch against the example the executable was built
+for (``ValueError`` before any worker runs), puts it in Ray's object store once and starts the
+step on every worker: the model inputs go to the workers whose stages read them (the first
+stage), the targets to those that read them (the last). The workers run their instruction lists
+among themselves; the driver only waits. A worker that dies, or fails, makes the step raise
+``WorkerFailedError`` naming the worker's rank and stage as soon as Ray reports it; a step that
+does not finish within the time limit raises it too. After such an error the executable is
+unusable; ``shutdown`` (also on ``with`` exit) kills every actor in any case.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ray
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from hierarchical_ap.cluster import Cluster
+from hierarchical_ap.errors import WorkerFailedError
+from hierarchical_ap.plan import ParallelPlan
+from runtime.actors import ensure_ray, start_actors, stop_actors
+from runtime.worker import OptimizerFn, TrainingProgram, model_leaves
+
+logger = logging.getLogger(__name__)
+
+FAILURE_GRACE_S = 5.0
+"""After a worker reports an error, how long to wait for a peer's death to be reported (the
+death is the cause worth naming)."""
+
+
+class ParallelExecutable:
+    """A model compiled for a plan and running on one Ray actor per device."""
+
+    def __init__(
+        self,
+        plan: ParallelPlan,
+        workers: list[Any],
+        roles: list[dict[str, Any]],
+        example: tuple[Any, Any],
+        state_keys: Mapping[str, str],
+        cleanup: Callable[[], None],
+        timeout_s: float,
+    ) -> None:
+        self.plan = plan
+        self.workers = workers
+        self._roles = roles
+        self._example_inputs = model_leaves(example[0])
+        self._example_targets = pytree.tree_leaves(example[1])
+        self._state_keys = state_keys
+        self._cleanup: Callable[[], None] | None = cleanup
+        self._timeout_s = timeout_s
+        self._broken: str | None = None
+
+    @classmethod
+    def start(
+        cls,
+        plan: ParallelPlan,
+        cluster: Cluster,
+        model: nn.Module,
+        example_inputs: Any,
+        targets: Any,
+        loss_fn: Callable[..., torch.Tensor] | None,
+        optimizer_fn: OptimizerFn,
+        *,
+        init_seed: int = 0,
+        timeout_s: float = 60.0,
+    ) -> ParallelExecutable:
+        """Start the actors and build every stage (see ``runtime.worker``)."""
+        _check_batch(
+            model_leaves(example_inputs), pytree.tree_leaves(targets), plan.num_microbatches
+        )
+        started_ray = ensure_ray(cluster)
+        actors, groups = [], []
+
+        def cleanup() -> None:
+            stop_actors(actors, groups)
+            if started_ray and ray.is_initialized():
+                ray.shutdown()
+
+        try:
+            actors, groups = start_actors(cluster, timeout_s)
+            program = TrainingProgram(
+                plan=plan,
+                model=model,
+                microbatch_inputs=_first_microbatch(example_inputs, plan.num_microbatches),
+                microbatch_targets=_first_microbatch(targets, plan.num_microbatches),
+                loss_fn=loss_fn,
+                optimizer_fn=optimizer_fn,
+                init_seed=init_seed,
+            )
+            program_ref = ray.put(program)
+            executable = cls(
+                plan, actors, [], (example_inputs, targets), _state_keys(model), cleanup, timeout_s
+            )
+            roles = executable._wait([a.build.remote(program_ref) for a in actors], 10 * timeout_s)
+            executable._roles = roles
+        except BaseException:
+            cleanup()
+            raise
+        logger.info("started %d workers for a %d-stage plan", len(actors), len(plan.stages))
+        return executable
+
+    # ------------------------------------------------------------------------ training
+
+    def train_step(self, inputs: Any, targets: Any = None) -> float:
+        """One optimizer step on one global batch; returns its mean loss."""
+        self._check_usable()
+        leaves = model_leaves(inputs)
+        target_leaves = pytree.tree_leaves(targets)
+        _check_like("input", leaves, self._example_inputs)
+        _check_like("target", target_leaves, self._example_targets)
+        _check_batch(leaves, target_leaves, self.plan.num_microbatches)
+        inputs_ref = ray.put(inputs)
+        targets_ref = ray.put(targets)
+        refs = [
+            worker.train_step.remote(
+                inputs_ref if role["inputs"] else None, targets_ref if role["targets"] else None
+            )
+            for worker, role in zip(self.workers, self._roles, strict=True)
+        ]
+        results = self._wait(refs, self._timeout_s * 2)
+        losses = next(r for r in results if r is not None)
+        return float(sum(losses) / len(losses))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full, unsharded parameters and buffers with the keys of ``model.state_dict()``."""
+        self._check_usable()
+        merged: dict[str, torch.Tensor] = {}
+        for shard in self._wait([w.full_state.remote() for w in self.workers], self._timeout_s):
+            merged.update(shard)
+        return {key: merged[source] for key, source in self._state_keys.items()}
+
+    # ------------------------------------------------------------------------ lifetime
+
+    def shutdown(self) -> None:
+        """Kill every worker (and the Ray instance, if this executable started it)."""
+        if self._cleanup is not None:
+            cleanup, self._cleanup = self._cleanup, None
+            cleanup()
+        self._broken = self._broken or "it was shut down"
+
+    def __enter__(self) -> ParallelExecutable:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:  # interpreter teardown: Ray may be gone already
+            pass
+
+    # ------------------------------------------------------------------------ helpers
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise WorkerFailedError(
+                f"this executable cannot run any more: {self._broken}; build a new one with "
+                "compile_parallel"
+            )
+
+    def _where(self, rank: int) -> tuple[int, str]:
+        p = self.plan.num_ranks
+        pipeline_rank = next(r for r in range(p) if rank in self.plan.stages[r].devices)
+        stages = list(range(pipeline_rank, len(self.plan.stages), p))
+        return stages[0], "stage " + ", ".join(map(str, stages))
+
+    def _wait(self, refs: list[Any], timeout_s: float) -> list[Any]:
+        """The results of one call per worker (in rank order), or ``WorkerFailedError``."""
+        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        results: dict[int, Any] = {}
+        pending = list(refs)
+        deadline = time.monotonic() + timeout_s
+        first_error: tuple[int, BaseException] | None = None
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            ready, pending = ray.wait(pending, num_returns=1, timeout=remaining)
+            for ref in ready:
+                rank = rank_of[ref]
+                try:
+                    results[rank] = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    raise self._failure(rank, "died", exc) from exc
+                except ray.exceptions.RayTaskError as exc:
+                    if first_error is None:
+                        first_error = (rank, exc)
+                        deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
+        if first_error is not None:
+            rank, exc = first_error
+            raise self._failure(rank, "failed", exc) from exc
+        if pending:
+            rank = rank_of[pending[0]]
+            raise self._failure(rank, f"did not finish within {timeout_s:g} s", None)
+        return [results[rank] for rank in range(len(refs))]
+
+    def _failure(self, rank: int, what: str, exc: BaseException | None) -> WorkerFailedError:
+        stage, stages = self._where(rank)
+        cause = "" if exc is None else f": {_first_line(exc)}"
+        self._broken = f"worker {rank} ({stages}) {what}"
+        return WorkerFailedError(
+            f"runtime worker rank {rank} ({stages} of the plan) {what}{cause}; the step is lost. "
+            "Shut this executable down and rebuild it (from the last checkpoint)",
+            stage=stage,
+            rank=rank,
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
+
+
+def _first_microbatch(value: Any, num_microbatches: int) -> Any:
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.chunk(num_microbatches)[0].clone(), value)
+
+
+def _state_keys(model: nn.Module) -> dict[str, str]:
+    """``model.state_dict()`` key → the name the workers report it under (a tied
+    parameter's first name)."""
+    first: dict[int, str] = {}
+    names = {
+        name: first.setdefault(id(p), name)
+        for name, p in model.named_parameters(remove_duplicate=False)
+    }
+    return {key: names.get(key, key) for key in model.state_dict()}
+
+
+def _check_like(what: str, given: list[Any], example: list[Any]) -> None:
+    if len(given) != len(example):
+        raise ValueError(
+            f"train_step got {len(given)} {what} tensors but the executable was compiled for "
+            f"{len(example)}; pass them like example_inputs/targets"
+        )
+    for index, (a, b) in enumerate(zip(given, example, strict=True)):
+        if not isinstance(a, torch.Tensor):
+            raise ValueError(f"{what} {index} is a {type(a).__name__}, not a tensor")
+        if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+            raise ValueError(
+                f"{what} {index} has shape {tuple(a.shape)} and dtype {a.dtype} but the "
+                f"executable was compiled for {tuple(b.shape)} {b.dtype}; pass batches shaped "
+                "like example_inputs (or compile again for this shape)"
+            )
+
+
+def _check_batch(inputs: list[Any], targets: list[Any], num_microbatches: int) -> None:
+    for what, leaves in (("input", inputs), ("target", targets)):
+        for index, t in enumerate(leaves):
+            if not isinstance(t, torch.Tensor) or t.ndim == 0 or t.shape[0] % num_microbatches:
+                size = t.shape[0] if isinstance(t, torch.Tensor) and t.ndim else "no batch dim"
+                raise ValueError(
+                    f"{what} {index} has a batch of {size}, which does not split into the plan's "
+                    f"{num_microbatches} equal micro-batches; pass a global batch that is a "
+                    f"multiple of {num_microbatches}"
+                )

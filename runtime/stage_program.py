@@ -1,0 +1,185 @@
+"""One pipeline stage's program: its slice of the captured graph, sharded with DTensor.
+
+``StageProgram`` wraps ``intra_op.apply`` restricted to the stage's nodes on the stage's
+``DeviceMesh``:
+
+* parameters are stored as the plan's ``param_placements`` say (``"R"`` / ``"S(d)"`` per
+  logical mesh axis; replicated where the plan names none);
+* user inputs, and values received from the previous stage, enter split along the batch
+  (``Shard(0)``) on mesh axis 0 — the data-parallel axis of the planner's ``(D/t, t)`` logical
+  meshes — when their first dim is the micro-batch and divides evenly, else replicated;
+* every node's placements are those DTensor's own sharding rules give from there
+  (``propagate_solution`` on zero-valued inputs of the micro-batch's shapes; the plan stores
+  parameter placements, not per-node ones), so tensor parallelism (sharded weights) and data
+  parallelism (sharded batch) inside a stage run for real.
+
+``forward(mb, received, user_inputs)`` returns the tensors to send on (``runtime.boundary``)
+and, on the last stage, the micro-batch's loss; ``backward(mb, grads)`` runs autograd from the
+sent tensors (or from ``loss / num_microbatches`` on the last stage), accumulating parameter
+gradients in their storage placements, and returns the gradients of the received values;
+``free(mb)`` drops what the micro-batch kept. Summing ``loss_i / m`` over the ``m`` equal
+micro-batches gives the gradient of the mean loss over the global batch (for a loss that is a
+mean over the batch).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
+
+from hierarchical_ap.errors import PlanError
+from hierarchical_ap.graph import OpGraph
+from hierarchical_ap.plan import PlanStage
+from intra_op.apply import ShardedProgram, apply, propagate_solution
+from runtime import boundary
+from runtime.stage_graph import StageSlice
+
+_SHARD = re.compile(r"^S\((\d+)\)$")
+
+
+def plan_placement(text: str) -> Placement:
+    """A plan's placement string (``"R"`` or ``"S(d)"``) as a DTensor placement."""
+    if text == "R":
+        return Replicate()
+    match = _SHARD.match(text)
+    if match is None:
+        raise PlanError(f"placement {text!r} is neither 'R' nor 'S(d)'; re-plan with `hap plan`")
+    return Shard(int(match.group(1)))
+
+
+def batch_placements(
+    shape: Sequence[int], microbatch: int, mesh_shape: Sequence[int]
+) -> tuple[Placement, ...]:
+    """``Shard(0)`` on mesh axis 0 for a value whose dim 0 is the micro-batch and splits evenly
+    over that axis (size > 1); replicated on every other axis."""
+    rows = mesh_shape[0]
+    split = rows > 1 and len(shape) > 0 and shape[0] == microbatch and microbatch % rows == 0
+    first: Placement = Shard(0) if split else Replicate()
+    return (first, *(Replicate() for _ in mesh_shape[1:]))
+
+
+@dataclass
+class _Saved:
+    """What one micro-batch keeps between its forward and its backward."""
+
+    received: list[torch.Tensor]
+    sent: list[torch.Tensor]
+    loss: torch.Tensor | None
+
+
+class StageProgram:
+    """The program of one stage on one worker (see the module docstring)."""
+
+    def __init__(
+        self,
+        graph: OpGraph,
+        stage_slice: StageSlice,
+        stage: PlanStage,
+        mesh: DeviceMesh,
+        state: Mapping[str, torch.Tensor] | nn.Module,
+        *,
+        num_microbatches: int,
+    ) -> None:
+        self.slice = stage_slice
+        self.mesh = mesh
+        self.num_microbatches = num_microbatches
+        self.device = torch.device(mesh.device_type)
+        microbatch = graph.batch_size or 0
+        mesh_shape = tuple(mesh.shape)
+        params = {
+            fqn: tuple(plan_placement(p) for p in stage.param_placements.get(fqn, ("R", "R")))
+            for fqn in stage_slice.params
+        }
+        outside = [*stage_slice.user_inputs, *stage_slice.received]
+        metas = {name: graph.value_meta(name) for name in outside}
+        inputs = {
+            name: batch_placements(meta.shape, microbatch, mesh_shape)
+            for name, meta in metas.items()
+        }
+        zeros = {
+            name: torch.zeros(meta.shape, dtype=meta.dtype, device=self.device)
+            for name, meta in metas.items()
+        }
+        solution = propagate_solution(graph, mesh, params, inputs, zeros, nodes=stage_slice.nodes)
+        self.program: ShardedProgram = apply(graph, solution, mesh, state, nodes=stage_slice.nodes)
+        self.received_metas = [(metas[n].shape, metas[n].dtype) for n in stage_slice.received]
+        self.received_needs_grad = [_needs_grad(graph, n) for n in stage_slice.received]
+        sent_metas = [graph.value_meta(n) for n in stage_slice.sent]
+        self.sent_metas = [(m.shape, m.dtype) for m in sent_metas]
+        self.sent_needs_grad = [_needs_grad(graph, n) for n in stage_slice.sent]
+        self._saved: dict[int, _Saved] = {}
+
+    @property
+    def is_last(self) -> bool:
+        return bool(self.slice.outputs)
+
+    def parameters_by_fqn(self) -> dict[str, nn.Parameter]:
+        return self.program.parameters_by_fqn()
+
+    def forward(
+        self,
+        microbatch: int,
+        received: Sequence[torch.Tensor],
+        user_inputs: Mapping[str, torch.Tensor],
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The tensors to send to the next stage and, on the last stage, the loss."""
+        leaves = [
+            t.requires_grad_(needs)
+            for t, needs in zip(received, self.received_needs_grad, strict=True)
+        ]
+        values: dict[str, object] = {
+            name: boundary.entering(t, self.mesh)
+            for name, t in zip(self.slice.received, leaves, strict=True)
+        }
+        values.update({name: user_inputs[name] for name in self.slice.user_inputs})
+        wanted = [*self.slice.sent, *self.slice.outputs]
+        out = self.program.run_part(values, wanted)
+        sent = [boundary.leaving(out[name]) for name in self.slice.sent]
+        loss = None
+        if self.slice.outputs:
+            (loss_name,) = self.slice.outputs
+            loss = boundary.leaving(out[loss_name])
+        self._saved[microbatch] = _Saved(leaves, sent, loss)
+        return [t.detach() for t in sent], (None if loss is None else loss.detach())
+
+    def backward(self, microbatch: int, grads: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+        """Gradients of the received values that need one (zeros where autograd gave none)."""
+        saved = self._saved[microbatch]
+        if saved.loss is not None:
+            torch.autograd.backward(saved.loss / self.num_microbatches)
+        else:
+            assert grads is not None
+            pairs = [
+                (t, g)
+                for t, g, needs in zip(saved.sent, grads, self.sent_needs_grad, strict=True)
+                if needs and t.requires_grad
+            ]
+            if pairs:
+                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        return [
+            t.grad if t.grad is not None else torch.zeros_like(t)
+            for t, needs in zip(saved.received, self.received_needs_grad, strict=True)
+            if needs
+        ]
+
+    def free(self, microbatch: int) -> None:
+        del self._saved[microbatch]
+
+
+def _needs_grad(graph: OpGraph, value: str) -> bool:
+    node = graph.nodes.get(value)
+    return bool(node is not None and node.requires_grad and node.outputs[0].dtype.is_floating_point)
+
+
+def full_parameters(program: StageProgram) -> dict[str, torch.Tensor]:
+    """Every parameter of the stage as a full tensor (a collective on the stage's mesh)."""
+    return {
+        fqn: p.full_tensor().detach().clone() if isinstance(p, DTensor) else p.detach().clone()
+        for fqn, p in program.parameters_by_fqn().items()
+    }

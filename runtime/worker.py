@@ -1,0 +1,365 @@
+"""What one device's worker does: join the process groups, build its stages, run its list.
+
+``PipelineWorker`` is plain Python (the Ray actor in ``runtime.actors`` wraps it; tests also run
+it on bare gloo processes). Its life:
+
+1. ``join``: ``torch.distributed`` with the global group (gloo on CPU, NCCL on GPU) and a
+   timeout, so a vanished peer surfaces as an error instead of a hang;
+2. ``build``: capture the model at the micro-batch size, slice it into the plan's stages, make
+   one ``DeviceMesh`` per pipeline rank (every worker creates every mesh and group, in the same
+   order, as ``torch.distributed`` requires), the ``StageProgram`` of each stage this worker
+   holds (initialised from the model's weights, or, for a meta-device model, from weights the
+   model's own initialisation draws on the worker under a fixed seed), one group per
+   parameter that several stages read (a tied embedding), the optimizer over its shards, and
+   its static instruction list;
+3. ``train_step``: run the list over the global batch's micro-batches, then synchronise the
+   gradients of parameters shared between stages (sum of the stages' full gradients, stored
+   back in each copy's placement), then step the optimizer on every shard. Data-parallel
+   gradient reduction inside a stage happens in backward, where DTensor reduces a replicated
+   parameter's partial gradient (and reduce-scatters a sharded one's).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.utils._pytree as pytree
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.distributed_c10d import _set_pg_timeout
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from hierarchical_ap.graph import OpGraph, capture
+from hierarchical_ap.models.materialize import materialize
+from hierarchical_ap.plan import ParallelPlan
+from hierarchical_ap.schedules import BACKWARD, FORWARD, build_schedule
+from runtime import boundary
+from runtime.instructions import (
+    FREE,
+    RECV_ACTIVATION,
+    RECV_GRADIENT,
+    SEND_ACTIVATION,
+    SEND_GRADIENT,
+    Instruction,
+    build_instructions,
+)
+from runtime.stage_graph import slice_stages
+from runtime.stage_program import StageProgram, full_parameters
+
+logger = logging.getLogger(__name__)
+
+OptimizerFn = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class TrainingProgram:
+    """Everything a worker needs to build its stages (pickled to every worker)."""
+
+    plan: ParallelPlan
+    model: nn.Module
+    """Real weights, or on the meta device (initialised on the workers)."""
+    microbatch_inputs: Any
+    """Example model inputs of one micro-batch (tuple or dict of tensors; meta is fine)."""
+    microbatch_targets: Any
+    loss_fn: Callable[..., torch.Tensor] | None
+    optimizer_fn: OptimizerFn
+    init_seed: int = 0
+
+
+def model_leaves(inputs: Any) -> list[Any]:
+    """The model inputs' leaves in the order ``capture`` numbers them."""
+    if isinstance(inputs, Mapping):
+        return pytree.tree_leaves(((), dict(inputs)))
+    if isinstance(inputs, (tuple, list)):
+        return pytree.tree_leaves((tuple(inputs), {}))
+    return pytree.tree_leaves(((inputs,), {}))
+
+
+def to_meta(value: Any) -> Any:
+    """``value`` with every tensor (at any depth) moved to the meta device."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), value)
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` on the meta device that keeps tied parameters tied (``Module.to``
+    would give each use of a tied parameter its own copy)."""
+    memo: dict[int, Any] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        meta = torch.empty_like(tensor, device="meta")
+        if isinstance(tensor, nn.Parameter):
+            meta = nn.Parameter(meta, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = meta
+    return copy.deepcopy(model, memo)
+
+
+def is_on_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def pipeline_layout(plan: ParallelPlan) -> list[tuple[int, ...]]:
+    """Stage → the global worker ranks (device ids) it runs on, row-major over its mesh."""
+    return [tuple(stage.devices) for stage in plan.stages]
+
+
+class PipelineWorker:
+    """One device's worker (see the module docstring)."""
+
+    def __init__(self, rank: int, world_size: int, backend: str, timeout_s: float) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.backend = backend
+        self.timeout = timedelta(seconds=timeout_s)
+        self.device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.programs: dict[int, StageProgram] = {}
+
+    # ------------------------------------------------------------------------ setting up
+
+    def join(self, init_method: str) -> None:
+        dist.init_process_group(
+            self.backend,
+            init_method=init_method,
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=self.timeout,
+        )
+
+    def build(self, program: TrainingProgram) -> dict[str, Any]:
+        """Build this worker's stages; returns which stages it runs and which user inputs
+        (``"inputs"``, ``"targets"``) it reads."""
+        plan = program.plan
+        self.plan = plan
+        self.graph = self._capture(program)
+        self.slices = slice_stages(self.graph, plan)
+        layout = pipeline_layout(plan)
+        p = plan.num_ranks
+        meshes = [
+            DeviceMesh(
+                self.device.type,
+                torch.tensor(layout[r]).reshape(plan.stages[r].logical_mesh),
+            )
+            for r in range(p)
+        ]
+        self.pipeline_rank = next(r for r in range(p) if self.rank in layout[r])
+        self.mesh = meshes[self.pipeline_rank]
+        for dim in range(self.mesh.ndim):
+            # DeviceMesh makes its groups with torch's 30-minute default timeout
+            _set_pg_timeout(self.timeout, self.mesh.get_group(dim))
+        state = self._initial_state(program)
+        for s, stage in enumerate(plan.stages):
+            if s % p == self.pipeline_rank:
+                self.programs[s] = StageProgram(
+                    self.graph,
+                    self.slices[s],
+                    stage,
+                    self.mesh,
+                    state,
+                    num_microbatches=plan.num_microbatches,
+                )
+        del state
+        self.shared = self._shared_parameter_groups(layout)
+        self.optimizer = program.optimizer_fn(self._unique_parameters())
+        tasks = build_schedule(plan.schedule, p, plan.num_microbatches, plan.virtual_stages)
+        self.instructions: list[Instruction] = build_instructions(tasks, layout)[self.rank]
+        reads = {name for s in self.programs for name in self.slices[s].user_inputs}
+        return {
+            "stages": sorted(self.programs),
+            "inputs": bool(reads & set(self.graph.model_inputs)),
+            "targets": bool(reads & set(self.graph.target_inputs)),
+            "reports_loss": self._reports_loss(),
+        }
+
+    def _capture(self, program: TrainingProgram) -> OpGraph:
+        model = program.model
+        if not is_on_meta(model):
+            model = meta_copy(model)
+        return capture(
+            model,
+            to_meta(program.microbatch_inputs),
+            loss_fn=program.loss_fn,
+            targets=to_meta(program.microbatch_targets),
+        )
+
+    def _initial_state(self, program: TrainingProgram) -> nn.Module:
+        if not is_on_meta(program.model):
+            return program.model
+        model = copy.deepcopy(program.model)
+        torch.manual_seed(program.init_seed)
+        return materialize(model, self.device)
+
+    def _shared_parameter_groups(
+        self, layout: list[tuple[int, ...]]
+    ) -> list[tuple[str, list[int], Any]]:
+        """(FQN, stages reading it, group of their workers) per parameter several stages read;
+        every worker creates every group, in FQN order."""
+        readers: dict[str, list[int]] = {}
+        for stage_slice in self.slices:
+            for fqn in stage_slice.params:
+                readers.setdefault(fqn, []).append(stage_slice.index)
+        shared = []
+        for fqn in sorted(readers):
+            stages = readers[fqn]
+            if len(stages) < 2:
+                continue
+            ranks = sorted({w for s in stages for w in layout[s]})
+            group = dist.new_group(ranks, timeout=self.timeout) if len(ranks) > 1 else None
+            if self.rank in ranks:
+                shared.append((fqn, stages, group))
+        return shared
+
+    def _unique_parameters(self) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for program in self.programs.values():
+            for param in program.parameters_by_fqn().values():
+                seen.setdefault(id(param), param)
+        return list(seen.values())
+
+    def _is_mesh_origin(self) -> bool:
+        coordinate = self.mesh.get_coordinate()
+        return coordinate is not None and all(c == 0 for c in coordinate)
+
+    def _reports_loss(self) -> bool:
+        return any(p.is_last for p in self.programs.values()) and self._is_mesh_origin()
+
+    # -------------------------------------------------------------------------- training
+
+    def train_step(self, inputs: Any, targets: Any) -> list[float] | None:
+        """One optimizer step on the global batch; the micro-batch losses from the worker
+        that reports them, else None."""
+        plan = self.plan
+        user = self._microbatch_inputs(inputs, targets, plan.num_microbatches)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses: dict[int, float] = {}
+        inbox: dict[tuple[str, int, int], list[torch.Tensor]] = {}
+        outbox: dict[tuple[str, int, int], list[torch.Tensor]] = {}
+        pending: list[tuple[Any, torch.Tensor]] = []
+        num_stages = len(plan.stages)
+        for step in self.instructions:
+            program = self.programs[step.stage]
+            mb = step.microbatch
+            if step.op == RECV_ACTIVATION:
+                inbox["act", step.stage, mb] = self._receive(
+                    step, program.received_metas, boundary.ACTIVATION, step.stage - 1, num_stages
+                )
+            elif step.op == FORWARD:
+                received = inbox.pop(("act", step.stage, mb), [])
+                sent, loss = program.forward(mb, received, user[mb])
+                outbox["act", step.stage, mb] = sent
+                if loss is not None:
+                    losses[mb] = float(loss)
+            elif step.op == SEND_ACTIVATION:
+                pending += self._send(
+                    step, outbox.pop(("act", step.stage, mb)), boundary.ACTIVATION, num_stages
+                )
+            elif step.op == RECV_GRADIENT:
+                metas = [
+                    m
+                    for m, needs in zip(program.sent_metas, program.sent_needs_grad, strict=True)
+                    if needs
+                ]
+                grads = iter(
+                    self._receive(step, metas, boundary.GRADIENT, step.stage + 1, num_stages)
+                )
+                inbox["grad", step.stage, mb] = [
+                    next(grads) if needs else None for needs in program.sent_needs_grad
+                ]
+            elif step.op == BACKWARD:
+                grads = inbox.pop(("grad", step.stage, mb), None)
+                outbox["grad", step.stage, mb] = program.backward(mb, grads)
+            elif step.op == FREE:
+                program.free(mb)
+            elif step.op == SEND_GRADIENT:
+                pending += self._send(
+                    step, outbox.pop(("grad", step.stage, mb)), boundary.GRADIENT, num_stages
+                )
+        for work, _ in pending:
+            work.wait(self.timeout)
+        self._sync_shared_gradients()
+        self.optimizer.step()
+        if not self._reports_loss():
+            return None
+        return [losses[mb] for mb in range(plan.num_microbatches)]
+
+    def _microbatch_inputs(
+        self, inputs: Any, targets: Any, num_microbatches: int
+    ) -> list[dict[str, torch.Tensor]]:
+        values: dict[str, torch.Tensor] = {}
+        if inputs is not None:
+            values.update(zip(self.graph.model_inputs, model_leaves(inputs), strict=True))
+        if targets is not None:
+            values.update(zip(self.graph.target_inputs, pytree.tree_leaves(targets), strict=True))
+        return [
+            {name: t.chunk(num_microbatches)[mb] for name, t in values.items()}
+            for mb in range(num_microbatches)
+        ]
+
+    def _send(
+        self, step: Instruction, tensors: list[torch.Tensor], kind: int, num_stages: int
+    ) -> list[tuple[Any, torch.Tensor]]:
+        tags = [
+            boundary.message_tag(kind, step.microbatch, step.stage, num_stages, i)
+            for i in range(len(tensors))
+        ]
+        return boundary.send(tensors, step.peers, tags)
+
+    def _receive(
+        self,
+        step: Instruction,
+        metas: list[tuple[torch.Size, torch.dtype]],
+        kind: int,
+        from_stage: int,
+        num_stages: int,
+    ) -> list[torch.Tensor]:
+        tags = [
+            boundary.message_tag(kind, step.microbatch, from_stage, num_stages, i)
+            for i in range(len(metas))
+        ]
+        return boundary.receive(metas, step.peers[0], tags, self.timeout, self.device)
+
+    def _sync_shared_gradients(self) -> None:
+        """Sum the full gradients of a parameter read by several stages over those stages
+        (one contribution per stage, from its mesh origin) and store the sum in every copy."""
+        for fqn, stages, group in self.shared:
+            mine = [self.programs[s].parameters_by_fqn()[fqn] for s in stages if s in self.programs]
+            total = torch.zeros(mine[0].shape, dtype=mine[0].dtype, device=self.device)
+            for param in mine:
+                if param.grad is not None:
+                    grad = (
+                        param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
+                    )
+                    if self._is_mesh_origin():
+                        total += grad
+            if group is not None:
+                dist.all_reduce(total, group=group)
+            for param in mine:
+                param.grad = distribute_tensor(
+                    total, self.mesh, param.placements, src_data_rank=None
+                )
+
+    # ------------------------------------------------------------------------- state
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Full parameters and buffers of this worker's stages, from the mesh origin (other
+        workers of the stage join the gathers and return nothing)."""
+        state: dict[str, torch.Tensor] = {}
+        for program in self.programs.values():
+            state.update(full_parameters(program))
+            for name, buffer in program.program.named_buffers():
+                value = buffer.full_tensor() if isinstance(buffer, DTensor) else buffer
+                state[name] = value.detach().clone()
+        return {k: v.cpu() for k, v in state.items()} if self._is_mesh_origin() else {}
+
+    def stages(self) -> Iterable[int]:
+        return sorted(self.programs)
+
+    def leave(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

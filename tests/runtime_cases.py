@@ -1,0 +1,197 @@
+"""Models, batches, plans and the single-process reference shared by the runtime tests."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hierarchical_ap.api import manual_plan
+from hierarchical_ap.cluster import Cluster
+from hierarchical_ap.models import from_spec, materialize
+from hierarchical_ap.plan import ParallelPlan
+
+TOLERANCE = 1e-5
+LEARNING_RATE = 0.1
+BATCH, SEQ = 8, 8
+
+
+class BlockMLP(nn.Module):
+    """An MLP of identical blocks (so the planner's block layers split it evenly)."""
+
+    def __init__(self, width: int = 16, depth: int = 5, classes: int = 8) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(depth)
+        )
+        self.out = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.out(x)
+
+
+def class_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels)
+
+
+def sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=LEARNING_RATE)
+
+
+def adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW with ``eps`` well above rounding noise: attention's key bias has a gradient that is
+    zero in exact arithmetic, and Adam would scale its ~1e-10 rounding noise (which differs
+    between any two summation orders) up to full-size steps."""
+    return torch.optim.AdamW(params, lr=1e-2, eps=1e-6)
+
+
+@dataclass
+class Case:
+    """A model (real weights, or meta to be initialised with ``materialize`` under seed 0),
+    batches for several steps, and its loss."""
+
+    model: nn.Module
+    batches: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]
+    loss_fn: Callable[..., torch.Tensor]
+
+
+ZOO = {
+    "gpt": "gpt:layers=4,hidden=32,heads=4,vocab=64,seq=8",
+    "llama": "llama:layers=4,hidden=32,heads=4,kv_heads=2,ffn=64,vocab=64,seq=8",
+    "hf-gpt2": "hf:gpt2:n_layer=2,n_embd=32,n_head=4,vocab_size=64,n_positions=16",
+    "hf-llama": (
+        "hf:llama:num_hidden_layers=2,hidden_size=32,intermediate_size=64,"
+        "num_attention_heads=4,num_key_value_heads=2,vocab_size=64"
+    ),
+}
+
+
+def build_case(name: str, steps: int, *, meta: bool = False) -> Case:
+    """The model ``name`` ("mlp" or a ``ZOO`` key) with ``steps`` seeded batches of ``BATCH``."""
+    generator = torch.Generator().manual_seed(1)
+    if name == "mlp":
+        torch.manual_seed(0)
+        with torch.device("meta" if meta else "cpu"):
+            model: nn.Module = BlockMLP()
+        batches = [
+            (
+                (torch.randn(BATCH, 16, generator=generator),),
+                torch.randint(8, (BATCH,), generator=generator),
+            )
+            for _ in range(steps)
+        ]
+        return Case(model, batches, class_loss)
+    bundle = from_spec(ZOO[name], batch=BATCH, seq=SEQ, device="meta")
+    model = bundle.model
+    if not meta:
+        torch.manual_seed(0)
+        materialize(model)
+    vocab = 64
+    batches = []
+    for _ in range(steps):
+        tokens = torch.randint(vocab, (BATCH, SEQ + 1), generator=generator)
+        batches.append(((tokens[:, :-1].contiguous(),), tokens[:, 1:].contiguous()))
+    return Case(model, batches, bundle.loss_fn)
+
+
+def reference_run(
+    case: Case, optimizer_fn: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Losses of each step and the final state dict, trained in this process."""
+    model = case.model
+    if any(p.is_meta for p in model.parameters()):
+        torch.manual_seed(0)
+        materialize(model)
+    optimizer = optimizer_fn(list(model.parameters()))
+    losses = []
+    for inputs, targets in case.batches:
+        optimizer.zero_grad()
+        loss = case.loss_fn(model(*inputs), targets)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def plan_for(
+    name: str,
+    workers: int,
+    *,
+    tp: int,
+    pp: int,
+    dp: int,
+    schedule: str = "1f1b",
+    virtual_stages: int = 1,
+    micro_batch_size: int = 1,
+) -> ParallelPlan:
+    """The manual (Megatron-style) plan of model ``name`` on ``workers`` local CPU workers."""
+    case = build_case(name, 1, meta=True)
+    inputs, targets = case.batches[0]
+    return manual_plan(
+        case.model,
+        Cluster.local_cpu(workers),
+        inputs,
+        targets=targets,
+        loss_fn=case.loss_fn,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        micro_batch_size=micro_batch_size,
+        schedule=schedule,
+        virtual_stages=virtual_stages,
+    )
+
+
+COLUMN_PARALLEL = re.compile(
+    r"((qkv_proj|q_proj|k_proj|v_proj|up_proj|gate_proj)|blocks\.[02468]\.0)\.(weight|bias)$"
+)
+"""Zoo projections, and the even blocks of ``BlockMLP``."""
+ROW_PARALLEL = re.compile(r"(o_proj|down_proj|blocks\.[13579]\.0)\.weight$")
+
+
+def megatron(plan: ParallelPlan) -> ParallelPlan:
+    """``plan`` with Megatron-LM tensor parallelism on mesh axis 1 of every stage: column-
+    parallel projections split their output features (weight and bias, dim 0), row-parallel
+    ones their input features (weight dim 1); other parameters keep the plan's placement."""
+    stages = []
+    for stage in plan.stages:
+        placements = dict(stage.param_placements)
+        for fqn, (first, _) in stage.param_placements.items():
+            if COLUMN_PARALLEL.search(fqn):
+                placements[fqn] = (first, "S(0)")
+            elif ROW_PARALLEL.search(fqn):
+                placements[fqn] = (first, "S(1)")
+        stages.append(replace(stage, param_placements=placements))
+    return replace(plan, stages=tuple(stages))
+
+
+def mismatch(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest excess of |actual - expected| over TOLERANCE·(1 + |expected|) (≤ 0: close)."""
+    excess = (actual.double() - expected.double()).abs() - TOLERANCE * (1 + expected.double().abs())
+    return excess.max().item()
+
+
+def compare(
+    losses: list[float],
+    state: dict[str, torch.Tensor],
+    reference: tuple[list[float], dict[str, Any]],
+) -> dict[str, float]:
+    """What differs from the reference beyond the tolerance (empty: equal)."""
+    ref_losses, ref_state = reference
+    bad = {}
+    for step, (a, b) in enumerate(zip(losses, ref_losses, strict=True)):
+        if abs(a - b) > TOLERANCE * (1 + abs(b)):
+            bad[f"loss {step}"] = a - b
+    assert set(state) == set(ref_state), set(state) ^ set(ref_state)
+    for key, value in ref_state.items():
+        err = mismatch(state[key], value)
+        if err > 0:
+            bad[key] = err
+    return bad

@@ -1,0 +1,192 @@
+"""``compile_parallel`` on local Ray CPU workers (gloo), checked against one process.
+
+One Ray session (8 logical CPUs on the 2-core machine) serves the module. Every executable
+trains a few steps of a tiny model; its losses and its final ``state_dict`` must equal the same
+steps in one process within 1e-5. Plans come from the manual (Megatron-style) configuration
+code, one from the planner's own search. Bad batches raise ``ValueError`` before any worker
+runs; a killed worker makes ``train_step`` raise ``WorkerFailedError`` naming it within 60 s,
+and ``shutdown`` frees every actor.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+import hierarchical_ap as hap
+from hierarchical_ap.errors import PlanError, WorkerFailedError
+from tests.runtime_cases import adamw, build_case, compare, megatron, plan_for, reference_run, sgd
+
+ROOT = Path(__file__).resolve().parent.parent
+LOGICAL_CPUS = 8
+STEPS = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session() -> Iterator[None]:
+    ray.init(
+        num_cpus=LOGICAL_CPUS,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}},
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _train(name, plan, workers, optimizer_fn, *, meta=False, steps=STEPS, plan_arg=None):
+    case = build_case(name, steps, meta=meta)
+    inputs, targets = case.batches[0]
+    with hap.compile_parallel(
+        case.model,
+        hap.Cluster.local_cpu(workers),
+        example_inputs=inputs,
+        targets=targets,
+        loss_fn=case.loss_fn,
+        optimizer_fn=optimizer_fn,
+        plan=plan if plan_arg is None else plan_arg,
+    ) as exe:
+        assert len(exe.workers) == workers
+        losses = [exe.train_step(x, y) for x, y in case.batches]
+        state = exe.state_dict()
+        used_plan = exe.plan
+    reference = reference_run(build_case(name, steps, meta=meta), optimizer_fn)
+    return losses, state, reference, used_plan
+
+
+def _free_cpus() -> float:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        free = ray.available_resources().get("CPU", 0.0)
+        if free == LOGICAL_CPUS:
+            return free
+        time.sleep(0.5)
+    return ray.available_resources().get("CPU", 0.0)
+
+
+@pytest.mark.timeout(300)
+def test_gpt_two_megatron_tensor_parallel_stages_1f1b_from_a_plan_file(tmp_path):
+    plan = megatron(plan_for("gpt", 4, tp=2, pp=2, dp=1, micro_batch_size=2))
+    plan.validate()
+    path = plan.save(tmp_path / "plan.json")
+    losses, state, reference, used = _train("gpt", None, 4, adamw, plan_arg=str(path))
+    assert used == plan
+    assert list(state) == list(reference[1])
+    assert compare(losses, state, reference) == {}
+    assert _free_cpus() == LOGICAL_CPUS
+
+
+@pytest.mark.timeout(300)
+def test_meta_llama_interleaved_with_data_parallel_stages():
+    plan = plan_for("llama", 4, tp=1, pp=2, dp=2, schedule="interleaved", virtual_stages=2)
+    assert plan.schedule == "interleaved" and len(plan.stages) == 4
+    losses, state, reference, _ = _train("llama", plan, 4, sgd, meta=True)
+    assert compare(losses, state, reference) == {}
+
+
+@pytest.mark.timeout(300)
+def test_mlp_stages_on_2x2_meshes_data_and_tensor_parallel_gpipe_on_eight_workers():
+    plan = megatron(plan_for("mlp", 8, tp=2, pp=2, dp=2, schedule="gpipe"))
+    assert [s.logical_mesh for s in plan.stages] == [(2, 2), (2, 2)]
+    assert plan.stages[1].param_placements["blocks.3.0.weight"] == ("R", "S(1)")
+    losses, state, reference, _ = _train("mlp", plan, 8, sgd, steps=2)
+    assert compare(losses, state, reference) == {}
+
+
+@pytest.mark.timeout(300)
+def test_planner_searches_the_plan_when_none_is_given():
+    losses, state, reference, plan = _train("mlp", None, 4, sgd, steps=2)
+    plan.validate()
+    assert compare(losses, state, reference) == {}
+
+
+@pytest.fixture(scope="module")
+def gpt_executable() -> Iterator[tuple]:
+    case = build_case("gpt", 1)
+    inputs, targets = case.batches[0]
+    plan = plan_for("gpt", 4, tp=1, pp=4, dp=1, micro_batch_size=2)
+    exe = hap.compile_parallel(
+        case.model,
+        hap.Cluster.local_cpu(4),
+        example_inputs=inputs,
+        targets=targets,
+        loss_fn=case.loss_fn,
+        optimizer_fn=sgd,
+        plan=plan,
+    )
+    try:
+        yield exe, inputs, targets
+    finally:
+        exe.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_bad_batches_raise_value_error_before_any_worker_runs(gpt_executable):
+    exe, inputs, targets = gpt_executable
+    before = exe.state_dict()
+    with pytest.raises(ValueError, match="shape"):
+        exe.train_step((inputs[0][:, :4],), targets)
+    with pytest.raises(ValueError, match="dtype"):
+        exe.train_step((inputs[0].int(),), targets)
+    with pytest.raises(ValueError, match="compiled for 1"):
+        exe.train_step((inputs[0], inputs[0]), targets)
+    after = exe.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_global_batch_that_does_not_split_into_micro_batches_is_refused():
+    case = build_case("gpt", 1)
+    inputs, targets = case.batches[0]
+    plan = plan_for("gpt", 4, tp=1, pp=4, dp=1, micro_batch_size=2)  # 4 micro-batches of 2
+    with pytest.raises(PlanError, match="global batch"):
+        hap.compile_parallel(
+            case.model,
+            hap.Cluster.local_cpu(4),
+            example_inputs=(inputs[0][:6],),
+            targets=targets[:6],
+            loss_fn=case.loss_fn,
+            optimizer_fn=sgd,
+            plan=plan,
+        )
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_worker_fails_the_step_naming_it_and_shutdown_frees_every_actor(
+    gpt_executable,
+):
+    exe, inputs, targets = gpt_executable
+    assert isinstance(exe.train_step(inputs, targets), float)
+    victim = 2  # the only worker of stage 2
+    errors: list[BaseException] = []
+
+    def step() -> None:
+        try:
+            for _ in range(50):
+                exe.train_step(inputs, targets)
+        except BaseException as exc:  # the error under test, checked below
+            errors.append(exc)
+
+    started = time.monotonic()
+    runner = threading.Thread(target=step)
+    runner.start()
+    time.sleep(0.5)  # kill while steps are running
+    ray.kill(exe.workers[victim], no_restart=True)
+    runner.join(timeout=90)
+    elapsed = time.monotonic() - started
+    assert not runner.is_alive()
+    assert errors and isinstance(errors[0], WorkerFailedError), errors
+    assert elapsed < 60
+    assert errors[0].rank == victim and errors[0].stage == 2
+    assert "rank 2" in str(errors[0]) and "stage 2" in str(errors[0])
+    with pytest.raises(WorkerFailedError, match="cannot run any more"):
+        exe.train_step(inputs, targets)
+    exe.shutdown()
+    assert _free_cpus() == LOGICAL_CPUS
