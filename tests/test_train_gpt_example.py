@@ -1,0 +1,67 @@
+"""``examples/train_gpt.py`` end to end: plan and train a tiny GPT on 2 local Ray CPU workers.
+
+The example runs as a child process in its own session (as ``make demo`` or a Ray job would run
+it); a run past the time limit has its whole process group killed, Ray's processes included.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "train_gpt.py"
+TINY = ["--model", "gpt:layers=2,hidden=32,heads=2,vocab=64,seq=16", "--global-batch", "4"]
+RUN_LIMIT_S = 150
+
+
+def run_example(*args: str) -> subprocess.CompletedProcess[str]:
+    """The example's exit status and output; its process group is killed if it overruns."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="120")
+    process = subprocess.Popen(
+        [sys.executable, str(EXAMPLE), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=RUN_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"the example ran past {RUN_LIMIT_S} s:\n{stdout}\n{stderr}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def printed_loss(which: str, stdout: str) -> float:
+    match = re.search(rf"^{which} loss: (\S+)$", stdout, re.MULTILINE)
+    assert match is not None, f"no '{which} loss' line in:\n{stdout}"
+    return float(match.group(1))
+
+
+@pytest.mark.timeout(RUN_LIMIT_S + 30)
+def test_plans_and_trains_with_a_finite_falling_loss():
+    result = run_example("--cluster", "local:2", "--steps", "3", *TINY)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "schedule" in result.stdout and "predicted step" in result.stdout  # the plan table
+    first, last = printed_loss("first", result.stdout), printed_loss("last", result.stdout)
+    assert math.isfinite(first) and math.isfinite(last)
+    # the counting task is learnable: three AdamW steps on it lower the loss
+    assert last < first, (first, last)
+
+
+@pytest.mark.timeout(120)
+def test_a_bad_cluster_argument_is_a_clear_error():
+    result = run_example("--cluster", "local:zero", "--steps", "1", *TINY)
+    assert result.returncode == 2
+    assert "local:N" in result.stderr
