@@ -26,9 +26,18 @@ A node that follows one of its inputs shares that producer's decision group; res
 between members of one group is added to the group's cost on the diagonal.
 
 Gradient accumulation: with ``num_microbatches = B``, the problem prices one micro-batch. A
-replicated parameter's gradient is accumulated locally and synchronised once per step, so its
-backward edge term is charged ``1/B`` per micro-batch; a sharded (ZeRO) parameter's gradient is
-reduce-scattered every micro-batch (as FSDP and DeepSpeed ZeRO do), so it is charged in full.
+parameter's gradient is accumulated locally between micro-batches and its synchronisation is
+split per mesh axis (``resharding.accumulated_gradient_times``): along an axis that *replicates*
+the parameter (data parallelism, including the data-parallel axis of a Megatron
+tensor-parallel weight stored ``(R, S(0))``) the all-reduce runs once per step and is charged
+``1/B`` per micro-batch; along an axis that *shards* it (ZeRO) the reduce-scatter runs every
+micro-batch (as FSDP and DeepSpeed ZeRO-3 do) and is charged in full. The backward term of a
+parameter edge is the cheaper of that split,
+
+    per_microbatch(g → staged) + per_step(staged → w) / B,
+
+and the plain resharding ``g → w`` every micro-batch (a different order of the axes can be
+cheaper when ``B = 1``).
 
 ``CostGraph.breakdown`` splits a chosen assignment's cost into what the outer planner needs:
 the forward share of the time (what full recomputation repeats), the gradient synchronisation
@@ -51,7 +60,7 @@ from hierarchical_ap.graph import OpGraph
 from hierarchical_ap.profile import TensorMeta
 from intra_op.ilp import ShardingProblem
 from intra_op.placement import REPLICATE, Placements, Shard, is_valid, shard_factor
-from intra_op.resharding import gradient_placements, reshard_time
+from intra_op.resharding import accumulated_gradient_times, gradient_placements, reshard_time
 from intra_op.strategies import node_strategies
 from intra_op.strategy import OpStrategy, StrategyContext
 
@@ -309,24 +318,29 @@ class _ProblemBuilder:
             or graph.nodes.get(source.name) is not None
             and graph.nodes[source.name].requires_grad
         )
-        mesh_shape = tuple(self.mesh.shape)
         assert consumer.strategies is not None
         shape = (len(source.outputs), len(consumer.strategies))
         forward, backward, sync = np.zeros(shape), np.zeros(shape), np.zeros(shape)
-        for i, out in enumerate(source.outputs):
-            grad_target = gradient_placements(out)
-            once_per_step = is_param and shard_factor(out, mesh_shape) == 1
-            for j, strategy in enumerate(consumer.strategies):
-                forward[i, j] = reshard_time(
-                    meta, out, strategy.inputs[index], self.mesh, self.cost
-                )
-                grad = strategy.input_grads[index]
-                if needs_grad and grad is not None:
-                    seconds = reshard_time(meta, grad, grad_target, self.mesh, self.cost)
-                    if once_per_step:
-                        sync[i, j] = seconds
-                        seconds /= self.num_microbatches
-                    backward[i, j] = seconds
+        times = _TensorReshardTimes(meta, self.mesh, self.cost)
+        outs = [times.intern(out) for out in source.outputs]
+        targets = [times.intern(gradient_placements(out)) for out in source.outputs]
+        inputs = [times.intern(s.inputs[index]) for s in consumer.strategies]
+        grads = [
+            None if s.input_grads[index] is None else times.intern(s.input_grads[index])
+            for s in consumer.strategies
+        ]
+        for i, (out, grad_target) in enumerate(zip(outs, targets, strict=True)):
+            for j, (wanted, grad) in enumerate(zip(inputs, grads, strict=True)):
+                forward[i, j] = times.reshard(out, wanted)
+                if not needs_grad or grad is None:
+                    continue
+                every = times.reshard(grad, grad_target)
+                if is_param:
+                    staged, step = times.accumulated(grad, out)
+                    if step > 0 and staged + step / self.num_microbatches <= every:
+                        sync[i, j] = step
+                        every = staged + step / self.num_microbatches
+                backward[i, j] = every
         matrix = regather * forward + backward
         if source.group == consumer.group:
             self.costs[source.group] = self.costs[source.group] + np.diag(matrix)
@@ -338,6 +352,42 @@ class _ProblemBuilder:
             self.forward_edges.append((source.group, consumer.group, forward))
         if sync.any():
             self.sync_edges.append((source.group, consumer.group, sync))
+
+
+class _TensorReshardTimes:
+    """``reshard_time`` and ``accumulated_gradient_times`` of one tensor, memoised by
+    placement. An edge asks for ``|outputs| × |strategies|`` pairs of which few are distinct;
+    placements are interned to small integers first, so each is hashed once per edge (hashing
+    placement tuples dominated building large problems)."""
+
+    def __init__(self, meta: TensorMeta, mesh: LogicalMesh, cost: CostModel) -> None:
+        self.meta, self.mesh, self.cost = meta, mesh, cost
+        self._ids: dict[Placements, int] = {}
+        self._placements: list[Placements] = []
+        self._reshard: dict[tuple[int, int], float] = {}
+        self._accumulated: dict[tuple[int, int], tuple[float, float]] = {}
+
+    def intern(self, placements: Placements) -> int:
+        if placements not in self._ids:
+            self._ids[placements] = len(self._placements)
+            self._placements.append(placements)
+        return self._ids[placements]
+
+    def reshard(self, src: int, dst: int) -> float:
+        key = (src, dst)
+        if key not in self._reshard:
+            self._reshard[key] = reshard_time(
+                self.meta, self._placements[src], self._placements[dst], self.mesh, self.cost
+            )
+        return self._reshard[key]
+
+    def accumulated(self, grad: int, stored: int) -> tuple[float, float]:
+        key = (grad, stored)
+        if key not in self._accumulated:
+            self._accumulated[key] = accumulated_gradient_times(
+                self.meta, self._placements[grad], self._placements[stored], self.mesh, self.cost
+            )
+        return self._accumulated[key]
 
 
 def _activation_bytes(

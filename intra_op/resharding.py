@@ -13,6 +13,18 @@ Each mesh axis changes by one of these steps, on the bytes a device holds when t
 Axes are changed one at a time; every order of the axes is tried and the cheapest sequence is
 the cost. The gradient of a value flows the other way: ``gradient_placements`` says what
 placement the gradient of a value must take to reach its producer.
+
+A parameter's gradient, accumulated over the micro-batches of a step, splits into two phases
+(``accumulated_gradient_times``). With the gradient produced in placement ``g`` and the
+parameter stored in ``w``, the *staged* placement takes ``w``'s ``Shard`` on every axis that
+shards the storage and keeps ``g``'s placement on every axis that replicates it:
+
+    every micro-batch   g → staged      (reduce-scatter into ZeRO shards, all-to-all)
+    once per step       staged → w      (the data-parallel all-reduce, an all-gather)
+
+The staged gradient is never larger per device than the stored one (on the axes left for the
+step, ``w`` is replicated, so ``g`` holds at most a full copy), so accumulating it costs no
+memory beyond the gradient storage the memory model already counts.
 """
 
 from __future__ import annotations
@@ -39,6 +51,20 @@ def reshard_time(
     if src == dst:
         return 0.0
     return _reshard_time(meta.nbytes, src, dst, mesh, cost)
+
+
+def accumulated_gradient_times(
+    meta: TensorMeta, grad: Placements, stored: Placements, mesh: LogicalMesh, cost: CostModel
+) -> tuple[float, float]:
+    """``(every micro-batch, once per step)`` seconds to bring a parameter's gradient from the
+    placement it is produced in (``grad``) to the parameter's storage placement (``stored``)
+    when it is accumulated over micro-batches (module docstring): ``grad → staged`` and
+    ``staged → stored``."""
+    staged = tuple(w if isinstance(w, Shard) else g for g, w in zip(grad, stored, strict=True))
+    return (
+        reshard_time(meta, grad, staged, mesh, cost),
+        reshard_time(meta, staged, stored, mesh, cost),
+    )
 
 
 @lru_cache(maxsize=1 << 16)

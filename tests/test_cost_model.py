@@ -31,8 +31,8 @@ def test_large_bf16_gemm_is_compute_bound():
     n = 8192
     flops, nbytes = 2 * n**3, 3 * n * n * 2
     device = a100x2.device
-    assert model.op_time(flops, nbytes, device, torch.bfloat16) == approx(flops / (312e12 * 0.75))
-    assert model.op_time(flops, nbytes, device, torch.float32) == approx(flops / (19.5e12 * 0.75))
+    assert model.op_time(flops, nbytes, device, torch.bfloat16) == approx(flops / (312e12 * 0.6))
+    assert model.op_time(flops, nbytes, device, torch.float32) == approx(flops / (19.5e12 * 0.6))
 
 
 def test_elementwise_op_is_memory_bound():
@@ -49,7 +49,7 @@ def test_cost_model_parameters_are_checked():
         CostModel(matmul_efficiency=1.5)
     with pytest.raises(ValueError, match="flops and bytes must be >= 0"):
         model.op_time(-1, 0, a100x2.device, torch.float32)
-    assert CostModel.for_cluster(a100x2) == CostModel(0.75, 0.8, 0.8)
+    assert CostModel.for_cluster(a100x2) == CostModel(0.6, 0.8, 0.8)
     assert CostModel.for_cluster(Cluster.local_cpu(2)) == CostModel(1.0, 1.0, 1.0)
 
 
