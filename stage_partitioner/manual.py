@@ -7,13 +7,19 @@ global micro-batch of ``dp·m`` sequences, and per stage the best intra-op shard
 mesh (the fastest memory level that fits, else the smallest). ``"selective"`` recomputation (the attention
 core, Korthikanti et al.) is costed as ``"none"``: the captured attention is PyTorch's fused
 ``scaled_dot_product_attention``, which keeps no ``s²`` tensors to recompute.
+
+``megatron_sc21_runs`` lists the published Megatron-LM runs (SC21 tables 1 and 2) with the
+configurations each may have used, and ``best_manual`` picks the fastest that fits: what
+``benchmarks/megatron_calibration.py`` compares with the published iteration times.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from hierarchical_ap.errors import PlannerOptionError
+from hierarchical_ap.models.presets import gpt_spec, read_data_csv
 from hierarchical_ap.plan import RECOMPUTE_MODES, SCHEDULES
 from stage_partitioner.layers import block_layers
 from stage_partitioner.planner import PlanningContext, equal_ranges, submesh_of
@@ -121,3 +127,90 @@ def _check(config: ManualConfig, devices: int, per_host: int, batch: int) -> Non
         )
     if config.schedule not in SCHEDULES:
         raise PlannerOptionError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+
+
+def best_manual(
+    context: PlanningContext, configs: Iterable[ManualConfig]
+) -> tuple[ManualConfig, Candidate, Simulation] | None:
+    """The fastest of several configurations that fits memory (``None`` when none fits);
+    configurations the model or cluster cannot take (``PlannerOptionError``) are skipped."""
+    best: tuple[ManualConfig, Candidate, Simulation] | None = None
+    for config in configs:
+        try:
+            result = simulate_manual(context, config)
+        except PlannerOptionError:
+            continue
+        if result is None or result[1].peak_memory_bytes > context.budget:
+            continue
+        if best is None or result[1].step_time_s < best[2].step_time_s:
+            best = (config, *result)
+    return best
+
+
+@dataclass(frozen=True)
+class PublishedRun:
+    """A measured Megatron-LM run (Narayanan et al., SC21) and the configurations it may have
+    used: the tables give tp, pp and dp but not always the micro-batch size, nor the number of
+    interleaved chunks per rank."""
+
+    name: str
+    model: str
+    """Model spec (the zoo GPT at the row's layers, hidden size and heads, s = 2048, V = 51200)."""
+    cluster: str
+    global_batch: int
+    iteration_time_s: float
+    configs: tuple[ManualConfig, ...]
+    """Candidates; the fastest that fits stands for the run (``best_manual``)."""
+    note: str
+
+
+MEGATRON_SEQ = 2048
+PUBLISHED_MICRO_BATCHES = (1, 2, 4, 8)
+"""Micro-batch sizes tried for table 1, whose rows do not give it."""
+MAX_VIRTUAL_STAGES = 4
+"""Interleaved chunks per rank tried (every count up to this that divides the layers per rank;
+the paper does not give it per row)."""
+
+
+def megatron_sc21_runs() -> list[PublishedRun]:
+    """Every row of ``data/megatron_sc21_table1.csv`` and ``megatron_sc21_table2.csv``.
+
+    All runs use fp16, full recomputation and, with pipelining, the interleaved 1F1B schedule
+    (the paper's setup); tensor parallelism inside a DGX A100 host, data parallelism across.
+    Table 1 rows try ``PUBLISHED_MICRO_BATCHES``; table 2 gives the micro-batch size. ZeRO-3
+    rows are ``tp = pp = 1``, ``dp`` = every GPU: the ILP must shard parameters, gradients and
+    optimizer states over the data-parallel axis to fit.
+    """
+    runs = []
+    for row in read_data_csv("megatron_sc21_table1.csv"):
+        runs.append(_published_run(row, f"T1 {float(row['params_b']):g}B", PUBLISHED_MICRO_BATCHES))
+    for row in read_data_csv("megatron_sc21_table2.csv"):
+        name = f"T2 {row['scheme']} {float(row['params_b']):g}B {row['gpus']}"
+        runs.append(_published_run(row, name, (int(row["micro_batch"]),)))
+    return runs
+
+
+def _published_run(row: dict[str, str], name: str, micro_batches: Sequence[int]) -> PublishedRun:
+    gpus, tp, pp = int(row["gpus"]), int(row["tp"]), int(row["pp"])
+    dp = gpus // (tp * pp)
+    layers_per_rank = int(row["layers"]) // pp
+    chunk_counts = [
+        v for v in range(2, MAX_VIRTUAL_STAGES + 1) if pp > 1 and layers_per_rank % v == 0
+    ]
+    configs = tuple(
+        ManualConfig(tp, pp, dp, m, "full", "interleaved", v)
+        if v > 1
+        else ManualConfig(tp, pp, dp, m, "full", "1f1b", 1)
+        for m in micro_batches
+        for v in (chunk_counts or [1])
+    )
+    given = "micro-batch given" if len(micro_batches) == 1 else "best micro-batch that fits"
+    return PublishedRun(
+        name=name,
+        model=gpt_spec(row, MEGATRON_SEQ),
+        cluster=f"{gpus // 8}x8xA100-80GB",
+        global_batch=int(row["global_batch"]),
+        iteration_time_s=float(row["iter_time_s"]),
+        configs=configs,
+        note=f"tp={tp} pp={pp} dp={dp}, {given}",
+    )

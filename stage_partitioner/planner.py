@@ -147,7 +147,7 @@ def plan_in_context(
     _check_inputs(graph, cluster, options)
     coarse = tuple(planning_layers(graph, max_layers=options.max_layers))
     fine = tuple(block_layers(graph))
-    microbatches = microbatch_candidates(cluster, options, len(coarse))
+    microbatches = microbatch_candidates(cluster, options, len(fine))
     tasks = [task for b in microbatches for task in part_tasks(coarse, b, context.meshes(b))]
     context.solver.solve_all(
         tasks, (lambda done, total: progress("sharding ILPs", done, total)) if progress else None
@@ -183,14 +183,22 @@ def plan_in_context(
 
 def microbatch_candidates(cluster: Cluster, options: PlannerOptions, num_layers: int) -> list[int]:
     """Global micro-batch sizes to try: divisors ``b`` of the batch from the smallest that can
-    fill the cluster with at most one stage per layer (``b ≥ devices / (M · L)``), or with
-    ``num_stages`` stages when it is fixed; the first few of them."""
+    fill the cluster with at most one stage per layer (``b ≥ devices / (M · L)``, ``L`` the
+    fine layers, one per block), or with ``num_stages`` stages when it is fixed; the first few
+    of them, each at least twice the one before (consecutive divisors span too narrow a
+    range: the published GPT-1T run's b = 6 on 3072 GPUs lies below the fourth divisor above
+    a 32-stage bound, and its 64 stages need the fine layers' bound)."""
     if options.microbatch_sizes:
         return sorted(set(options.microbatch_sizes))
     stages = options.num_stages or num_layers
     smallest = max(1, math.ceil(cluster.num_devices / (cluster.devices_per_host * stages)))
     divisors = [b for b in range(1, options.global_batch + 1) if options.global_batch % b == 0]
-    chosen = [b for b in divisors if b >= smallest][: options.max_microbatch_candidates]
+    chosen: list[int] = []
+    for b in divisors:
+        if len(chosen) == options.max_microbatch_candidates:
+            break
+        if b >= smallest and (not chosen or b >= 2 * chosen[-1]):
+            chosen.append(b)
     return chosen or divisors[-1:]
 
 

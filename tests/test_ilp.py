@@ -151,3 +151,23 @@ def test_session_resolves_under_changing_budgets_like_fresh_solves(solver):
         assert result.objective == pytest.approx(brute_force(with_budget), rel=1e-7, abs=1e-9)
         if budget is not None:
             assert problem.memory_of(result.choice) <= budget + 1e-9
+
+
+def test_highs_banner_stays_off_stdout():
+    """HiGHS prints a banner on C stdout when a process first builds a solver; a solve must
+    leave stdout clean (``hap plan --json`` / ``hap simulate --json`` print JSON there)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from intra_op.ilp import ShardingProblem, solve\n"
+        "edge = np.array([[0.0, 1.0], [1.0, 0.0]])\n"  # not separable: HiGHS must run
+        "costs = [np.array([0.0, 0.5]), np.array([0.2, 0.0])]\n"
+        "problem = ShardingProblem(costs, [np.ones(2), np.ones(2)], [(0, 1, edge)])\n"
+        "print(list(solve(problem).choice))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout == "[0, 0]\n"
