@@ -45,3 +45,8 @@ class WorkerFailedError(HapError, RuntimeError):
 
     def __reduce__(self) -> tuple[type[WorkerFailedError], tuple[str], dict[str, int | None]]:
         return type(self), (str(self),), {"stage": self.stage, "rank": self.rank}
+
+
+class CheckpointError(HapError, ValueError):
+    """A checkpoint path that holds no checkpoint, or one saved from another model or
+    optimizer, or a save target that is not a checkpoint directory."""

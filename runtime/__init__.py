@@ -10,4 +10,5 @@ communication and checkpoints. Imports the foundations and `intra_op.apply`, nev
 | `worker.py` | one device's worker: process groups, stages, instruction loop, optimizer |
 | `actors.py` | Ray actors per device in per-host placement groups, rendezvous |
 | `executable.py` | `ParallelExecutable`, the driver's handle: train_step, state_dict, failures |
+| `checkpoint.py` | DCP checkpoints: keys, metadata, staging and rename, optimizer-state templates |
 """

@@ -8,13 +8,19 @@ among themselves; the driver only waits. A worker that dies, or fails, makes the
 ``WorkerFailedError`` naming the worker's rank and stage as soon as Ray reports it; a step that
 does not finish within the time limit raises it too. After such an error the executable is
 unusable; ``shutdown`` (also on ``with`` exit) kills every actor in any case.
+
+``save_checkpoint(path)`` / ``load_checkpoint(path)`` write and restore the sharded parameters
+and optimizer state with ``torch.distributed.checkpoint`` (``runtime.checkpoint``); a checkpoint
+loads into an executable of any plan for the same model, and ``steps`` counts on from it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -25,6 +31,7 @@ from torch import nn
 from hierarchical_ap.cluster import Cluster
 from hierarchical_ap.errors import WorkerFailedError
 from hierarchical_ap.plan import ParallelPlan
+from runtime import checkpoint
 from runtime.actors import ensure_ray, start_actors, stop_actors
 from runtime.worker import OptimizerFn, TrainingProgram, model_leaves
 
@@ -57,6 +64,9 @@ class ParallelExecutable:
         self._cleanup: Callable[[], None] | None = cleanup
         self._timeout_s = timeout_s
         self._broken: str | None = None
+        self._tensors: checkpoint.TensorListing = {}
+        self.steps = 0
+        """Optimizer steps taken (counted on from a loaded checkpoint's)."""
 
     @classmethod
     def start(
@@ -101,6 +111,7 @@ class ParallelExecutable:
             )
             roles = executable._wait([a.build.remote(program_ref) for a in actors], 10 * timeout_s)
             executable._roles = roles
+            executable._tensors = checkpoint.tensor_listing(model.state_dict())
         except BaseException:
             cleanup()
             raise
@@ -126,6 +137,7 @@ class ParallelExecutable:
             for worker, role in zip(self.workers, self._roles, strict=True)
         ]
         results = self._wait(refs, self._timeout_s * 2)
+        self.steps += 1
         losses = next(r for r in results if r is not None)
         return float(sum(losses) / len(losses))
 
@@ -136,6 +148,55 @@ class ParallelExecutable:
         for shard in self._wait([w.full_state.remote() for w in self.workers], self._timeout_s):
             merged.update(shard)
         return {key: merged[source] for key, source in self._state_keys.items()}
+
+    # ------------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, path: str | os.PathLike[str]) -> Path:
+        """Write the sharded parameters, persistent buffers and optimizer state (DCP, each
+        worker its own shards) and the step count to the directory ``path``, replacing an older
+        checkpoint there; nothing is left at ``path`` if the save fails. Returns the path."""
+        self._check_usable()
+        staging = checkpoint.staging_directory(path)
+        try:
+            self._wait(
+                [w.save_checkpoint.remote(str(staging)) for w in self.workers],
+                self._timeout_s * 2,
+            )
+            metadata = checkpoint.CheckpointMetadata(
+                steps=self.steps,
+                model=self.plan.model,
+                model_fingerprint=self.plan.model_fingerprint,
+                plan_fingerprint=checkpoint.plan_fingerprint(self.plan),
+                tensors=self._tensors,
+                optimizer=self._optimizer_class(),
+                workers=len(self.workers),
+            )
+            return checkpoint.publish(staging, path, metadata)
+        finally:
+            checkpoint.discard(staging)
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Restore parameters, persistent buffers, optimizer state and ``steps`` from a
+        ``save_checkpoint`` directory, saved with any plan and number of workers. Raises
+        ``CheckpointError`` (before any worker loads) when ``path`` holds no checkpoint or one
+        of another model or optimizer."""
+        self._check_usable()
+        directory = Path(path).absolute()
+        saved = checkpoint.read_metadata(directory)
+        checkpoint.check_compatible(
+            saved,
+            model_fingerprint=self.plan.model_fingerprint,
+            tensors=self._tensors,
+            optimizer=self._optimizer_class(),
+            where=directory,
+        )
+        self._wait(
+            [w.load_checkpoint.remote(str(directory)) for w in self.workers], self._timeout_s * 2
+        )
+        self.steps = saved.steps
+
+    def _optimizer_class(self) -> str:
+        return self._wait([self.workers[0].optimizer_class.remote()], self._timeout_s)[0]
 
     # ------------------------------------------------------------------------ lifetime
 

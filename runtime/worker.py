@@ -17,6 +17,9 @@ it on bare gloo processes). Its life:
    back in each copy's placement), then step the optimizer on every shard. Data-parallel
    gradient reduction inside a stage happens in backward, where DTensor reduces a replicated
    parameter's partial gradient (and reduce-scatters a sharded one's).
+4. ``save_checkpoint`` / ``load_checkpoint``: DCP save of the shards it owns (parameters,
+   persistent buffers, optimizer state) or load of the shards it holds, resharded
+   (``runtime.checkpoint``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,7 +44,7 @@ from hierarchical_ap.graph import OpGraph, capture
 from hierarchical_ap.models.materialize import materialize
 from hierarchical_ap.plan import ParallelPlan
 from hierarchical_ap.schedules import BACKWARD, FORWARD, build_schedule
-from runtime import boundary
+from runtime import boundary, checkpoint
 from runtime.instructions import (
     FREE,
     RECV_ACTIVATION,
@@ -356,6 +360,80 @@ class PipelineWorker:
                 value = buffer.full_tensor() if isinstance(buffer, DTensor) else buffer
                 state[name] = value.detach().clone()
         return {k: v.cpu() for k, v in state.items()} if self._is_mesh_origin() else {}
+
+    def optimizer_class(self) -> str:
+        return type(self.optimizer).__name__
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Save the shards of the tensors this worker owns, and their optimizer state, into
+        ``directory`` with DCP (every worker calls it; see ``runtime.checkpoint``)."""
+        held, lowest = self._held_state()
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, lowest)
+        owners = checkpoint.lowest_holders(gathered)
+        owned = {
+            key: copies[0].detach() for key, copies in held.items() if owners[key] == lowest[key]
+        }
+        params = self._first_parameter_copies()
+        state = dict(owned)
+        state.update(
+            checkpoint.optimizer_entries(
+                self.optimizer, {fqn: p for fqn, p in params.items() if fqn in owned}
+            )
+        )
+        checkpoint.save_shards(state, Path(directory))
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Load every tensor this worker holds, and the optimizer state of its parameters,
+        from the DCP checkpoint in ``directory``, resharded to this plan's placements."""
+        held, _ = self._held_state()
+        params = self._first_parameter_copies()
+        templates = checkpoint.optimizer_templates(checkpoint.saved_entries(directory), params)
+        state: dict[str, Any] = {key: copies[0].detach() for key, copies in held.items()}
+        for fqn, entries in templates.items():
+            state.update({checkpoint.optimizer_key(fqn, n): v for n, v in entries.items()})
+        checkpoint.load_shards(state, Path(directory))
+        for copies in held.values():
+            for other in copies[1:]:
+                checkpoint.copy_into(other, copies[0])
+        for fqn, entries in templates.items():
+            loaded = {name: state[checkpoint.optimizer_key(fqn, name)] for name in entries}
+            for copy_ in self._parameter_copies(fqn):
+                self.optimizer.state[copy_] = (
+                    loaded
+                    if copy_ is params[fqn]
+                    else {n: checkpoint.clone_like(v, copy_) for n, v in loaded.items()}
+                )
+
+    def _held_state(self) -> tuple[dict[str, list[torch.Tensor]], dict[str, int]]:
+        """Key → every copy of that parameter or persistent buffer this worker holds (in
+        stage order), and key → the lowest of its stages that holds it."""
+        held: dict[str, list[torch.Tensor]] = {}
+        lowest: dict[str, int] = {}
+        for s in sorted(self.programs):
+            module = self.programs[s].program
+            buffers = dict(module.named_buffers())
+            persistent = {
+                k: v for k, v in module.state_dict(keep_vars=True).items() if k in buffers
+            }
+            for key, value in [*self.programs[s].parameters_by_fqn().items(), *persistent.items()]:
+                held.setdefault(key, []).append(value)
+                lowest.setdefault(key, s)
+        return held, lowest
+
+    def _parameter_copies(self, fqn: str) -> list[nn.Parameter]:
+        return [
+            p.parameters_by_fqn()[fqn]
+            for _, p in sorted(self.programs.items())
+            if fqn in p.parameters_by_fqn()
+        ]
+
+    def _first_parameter_copies(self) -> dict[str, nn.Parameter]:
+        first: dict[str, nn.Parameter] = {}
+        for s in sorted(self.programs):
+            for fqn, param in self.programs[s].parameters_by_fqn().items():
+                first.setdefault(fqn, param)
+        return first
 
     def stages(self) -> Iterable[int]:
         return sorted(self.programs)
