@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 
 import numpy as np
 import pytest
@@ -250,11 +249,11 @@ def test_makespan_lower_bound_holds_and_is_tight_for_equal_stages(name, p, m, v)
     assert bound == pytest.approx((m * v + p - 1) * 3.0)
 
 
-def test_large_pipeline_is_fast():
-    start = time.perf_counter()
+def test_large_pipeline_follows_the_bubble_formula():
+    """64 ranks × 512 micro-batches × 2 chunks: the timeline stays exact at scale (its speed
+    is measured by benchmarks/planner_speed.py, not here)."""
     schedule = build_schedule("interleaved", 64, 512, 2)
     timeline = simulate(schedule, [0.5] * 128, [1.0] * 128, virtual_stages=2)
-    assert time.perf_counter() - start < 5.0
     assert timeline.makespan == (512 * 2 + 63) * 1.5
     assert len(timeline.tasks) == 2 * 512 * 128
 
