@@ -45,13 +45,19 @@ values, outputs)`` takes the values the part reads from outside (graph user inpu
 nodes' outputs, by name; full tensors or DTensors) and returns the named values it computes.
 Values from outside are placed as ``solution.input_placements`` says (replicated when it names
 none). ``propagate_solution(..., nodes=names)`` records DTensor's placements for a part.
+
+On a one-device mesh every DTensor holds its whole value whatever its placements, so
+``run_part`` there runs the part as a compiled ``fx.GraphModule`` on the local tensors
+(``intra_op.plain_part``): the same aten ops on the same values, without DTensor's dispatch
+or the node-by-node interpreter. ``open_step`` / ``close_step`` bracket the micro-batches of
+one optimizer step, so the parameters are wrapped once per step rather than per call.
 """
 
 from __future__ import annotations
 
-import itertools
 import operator
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -75,6 +81,7 @@ from intra_op.placement import (
     normalize,
     replicated,
 )
+from intra_op.plain_part import plain_part_module
 from intra_op.solution import ShardingSolution
 
 __all__ = [
@@ -112,6 +119,7 @@ def apply(
     state: Mapping[str, torch.Tensor] | nn.Module | None = None,
     *,
     nodes: Collection[str] | None = None,
+    plain: bool | None = None,
 ) -> ShardedProgram:
     """The program that runs ``graph`` sharded as ``solution`` says on ``device_mesh``.
 
@@ -120,11 +128,13 @@ def apply(
     every rank passes the same values (rank 0's are used). Without it, parameters and buffers
     are allocated uninitialised for ``ShardedProgram.load_full_state_dict`` or a shard-by-shard
     initialisation. ``nodes`` restricts the program to those nodes (a pipeline stage; see the
-    module docstring). Raises ``InvalidSolutionError`` when the solution misses or misfits a
-    value.
+    module docstring). ``plain`` chooses how ``run_part`` executes: ``None`` (the default)
+    runs plain tensors exactly when the mesh has one device, ``False`` runs DTensors on any
+    mesh (to compare the two paths). Raises ``InvalidSolutionError`` when the solution misses
+    or misfits a value.
     """
     validate_solution(graph, solution, tuple(device_mesh.shape), nodes=nodes)
-    return ShardedProgram(graph, solution, device_mesh, state, nodes=nodes)
+    return ShardedProgram(graph, solution, device_mesh, state, nodes=nodes, plain=plain)
 
 
 def full_value(value: Any) -> Any:
@@ -386,6 +396,31 @@ def _is_training_batch_norm(node: fx.Node) -> bool:
     return node.target in _BATCH_NORMS and bool(node.args[5]) and node.args[3] is not None
 
 
+def _tensor_arguments(node: fx.Node) -> tuple[bool, ...]:
+    """Per graph-value argument of ``node`` (in ``fx.node.map_arg`` order): whether it is a
+    tensor input the node's placements cover (``getitem`` reads a tuple, placed as its
+    output)."""
+    flags: list[bool] = []
+
+    def visit(arg: fx.Node) -> fx.Node:
+        flags.append(
+            node.target is not operator.getitem and isinstance(arg.meta.get("val"), torch.Tensor)
+        )
+        return arg
+
+    fx.node.map_arg((node.args, node.kwargs), visit)
+    return tuple(flags)
+
+
+@dataclass(frozen=True)
+class _PlainPart:
+    """A part compiled for the plain path, and what it takes: (kind, name) per argument,
+    kind ``given`` (from ``run_part``'s values), ``parameter``, ``buffer`` or ``constant``."""
+
+    module: fx.GraphModule
+    sources: tuple[tuple[str, str], ...]
+
+
 def _written_inputs(node: fx.Node) -> set[fx.Node]:
     """The graph values ``node`` writes into: arguments its schema marks as mutated (``add_``)
     and a training batch norm's running statistics."""
@@ -421,8 +456,14 @@ class ShardedProgram(nn.Module):
         state: Mapping[str, torch.Tensor] | nn.Module | None = None,
         *,
         nodes: Collection[str] | None = None,
+        plain: bool | None = None,
     ) -> None:
         super().__init__()
+        if plain and device_mesh.size() != 1:
+            raise ValueError(
+                f"plain tensors hold whole values only on a one-device mesh, not on a "
+                f"{tuple(device_mesh.shape)} mesh; leave plain=None to choose by the mesh"
+            )
         self._graph = graph
         self._part = None if nodes is None else frozenset(nodes)
         """The nodes this program runs (``None``: the whole graph)."""
@@ -443,7 +484,18 @@ class ShardedProgram(nn.Module):
             if node.op == "call_function" and (self._part is None or node.name in self._part)
         }
         self._written = {node: _written_inputs(node) for node in self._call_args}
+        self._tensor_args = {node: _tensor_arguments(node) for node in self._call_args}
         self._last_uses = _last_uses(graph.graph_module.graph)
+        self._follow = _FollowSolution(solution)
+        self._checked_inputs: dict[tuple[fx.Node, int], Placements] = {}
+        """(node, input index) → the solution's placements for it, checked against DTensor."""
+        self._plain = device_mesh.size() == 1 if plain is None else plain
+        """Whether parts run as plain-tensor graph modules (a one-device mesh; see
+        ``intra_op.plain_part``)."""
+        self._value_names = frozenset(node.name for node in graph.graph_module.graph.nodes)
+        self._plain_parts: dict[tuple[tuple[str, ...], tuple[str, ...]], _PlainPart] = {}
+        self._step_params: dict[str, torch.Tensor] | None = None
+        """FQN → the parameter as the open step's micro-batches read it (see ``open_step``)."""
         if state is not None:
             self.load_full_state_dict(state)
 
@@ -472,8 +524,63 @@ class ShardedProgram(nn.Module):
     def run_part(self, values: Mapping[str, Any], outputs: Sequence[str]) -> dict[str, Any]:
         """Run this program's nodes on ``values`` (graph user inputs and outside nodes'
         outputs the part reads, by name) and return the named values ``outputs`` (computed
-        here or given), as DTensors."""
-        return self._run_part(values, outputs, _FollowSolution(self._solution))
+        here or given), as DTensors. On a one-device mesh the part runs as a compiled graph
+        module on plain tensors (same values: every DTensor there holds its whole value)."""
+        if not self._plain:
+            return self._run_part(values, outputs, self._follow)
+        everywhere = replicated(self._mesh.ndim)
+        return {
+            name: DTensor.from_local(value, self._mesh, everywhere, run_check=False)
+            if isinstance(value, torch.Tensor)
+            else value
+            for name, value in self.run_plain_part(values, outputs).items()
+        }
+
+    @property
+    def runs_plain(self) -> bool:
+        """Whether ``run_part`` runs on plain tensors (the mesh has one device)."""
+        return self._plain
+
+    def open_step(self) -> None:
+        """Wrap the parameters once for the micro-batches of one optimizer step, until
+        ``close_step``; without an open step every ``run_part`` wraps them afresh.
+
+        DTensor path: each parameter becomes one graph value whose gradient is redistributed
+        to the parameter's placement (``_pin_gradient``), shared by the step's micro-batches.
+        Plain path: each parameter's local tensor becomes a plain leaf (same storage) that
+        accumulates the micro-batches' gradients; ``close_step`` hands the sum to the
+        parameter as a DTensor gradient, so each parameter gets ``sum_i grad_i`` as autograd
+        through DTensor would give it."""
+        if self._plain:
+            self._step_params = {
+                fqn: param.to_local().detach().requires_grad_(param.requires_grad)
+                for fqn, param in self._params_by_fqn.items()
+            }
+        else:
+            self._step_params = {
+                fqn: self._pin_gradient(param) for fqn, param in self._params_by_fqn.items()
+            }
+
+    def close_step(self) -> None:
+        """End the step ``open_step`` opened; on the plain path, add each leaf's accumulated
+        gradient to its parameter's ``grad`` (a DTensor in the parameter's placement)."""
+        step, self._step_params = self._step_params, None
+        if not self._plain or step is None:
+            return
+        with torch.no_grad():
+            for fqn, leaf in step.items():
+                if leaf.grad is None:
+                    continue
+                param = self._params_by_fqn[fqn]
+                grad = DTensor.from_local(
+                    leaf.grad,
+                    self._mesh,
+                    param.placements,
+                    run_check=False,
+                    shape=param.shape,
+                    stride=param.stride(),
+                )
+                param.grad = grad if param.grad is None else param.grad + grad
 
     def load_full_state_dict(self, state: Mapping[str, torch.Tensor] | nn.Module) -> None:
         """Copy full tensors into the sharded parameters and buffers (each rank keeps its
@@ -546,6 +653,67 @@ class ShardedProgram(nn.Module):
         if missing:
             raise ValueError(f"the part neither computes nor receives {missing}")
         return by_name
+
+    def run_plain_part(
+        self, values: Mapping[str, Any], outputs: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """``run_part`` on a one-device mesh, on plain tensors: ``values`` are full tensors
+        (DTensors are read as their local tensors) and the named results are the plain tensors
+        the part's compiled graph module returns (autograd flows through both)."""
+        if not self._plain:
+            raise RuntimeError(
+                "this program runs DTensors (its mesh has more than one device, or it was built "
+                "with plain=False); call run_part"
+            )
+        given = tuple(name for name in values if name in self._value_names)
+        key = (given, tuple(outputs))
+        part = self._plain_parts.get(key)
+        if part is None:
+            part = self._plain_parts[key] = self._build_plain_part(given, tuple(outputs))
+        args = [self._plain_source(kind, name, values) for kind, name in part.sources]
+        return dict(zip(outputs, part.module(*args), strict=True))
+
+    def _build_plain_part(self, given: tuple[str, ...], outputs: tuple[str, ...]) -> _PlainPart:
+        sources: list[tuple[str, str]] = [("given", name) for name in given]
+        constants: dict[str, Any] = {}
+        for node in self._graph.graph_module.graph.nodes:
+            if node.op != "placeholder" or node.name in given:
+                continue
+            if self._read is not None and node.name not in self._read:
+                continue
+            kind, key = self._placeholders[node.name]
+            if kind == "input":
+                raise ValueError(f"the part reads graph input '{node.name}'; pass it in values")
+            if kind == "constant" and not isinstance(self._constants[key], torch.Tensor):
+                constants[node.name] = self._constants[key]
+            else:
+                sources.append((kind, node.name))
+        module = plain_part_module(
+            self._graph.graph_module.graph,
+            self._part,
+            [name for _, name in sources],
+            constants,
+            self._call_args,
+            SKIPPED_OPS,
+            outputs,
+        )
+        return _PlainPart(module, tuple(sources))
+
+    def _plain_source(self, kind: str, name: str, values: Mapping[str, Any]) -> Any:
+        """The plain tensor (or value) the plain graph module takes for source ``name``."""
+        if kind == "given":
+            value = values[name]
+            if isinstance(value, DTensor):
+                return value.to_local()
+            return value.to(self._device) if isinstance(value, torch.Tensor) else value
+        _, key = self._placeholders[name]
+        if kind == "parameter":
+            if self._step_params is not None:
+                return self._step_params[key]
+            return self._params_by_fqn[key].to_local()
+        if kind == "buffer":
+            return self.get_buffer(key).to_local()
+        return self._constants[key].to_local()
 
     def _outside_value(self, name: str, value: Any) -> Any:
         """A value from outside the part, placed as the solution's ``input_placements``."""
@@ -632,6 +800,8 @@ class ShardedProgram(nn.Module):
     def _placeholder_value(self, node: fx.Node, user_values: Any, num_user: int) -> Any:
         kind, key = self._placeholders[node.name]
         if kind == "parameter":
+            if self._step_params is not None:
+                return self._step_params[key]
             return self._pin_gradient(self._params_by_fqn[key])
         if kind == "buffer":
             return self.get_buffer(key)
@@ -659,17 +829,16 @@ class ShardedProgram(nn.Module):
         )
 
     def _call(self, node: fx.Node, env: dict[fx.Node, Any], placer: _Placer) -> Any:
-        counter = itertools.count()
         used: list[Placements] = []
+        is_tensor = iter(self._tensor_args[node])
+        written = self._written[node]
 
         def load(arg: fx.Node) -> Any:
             value = env[arg]
-            if node.target is not operator.getitem and isinstance(
-                arg.meta.get("val"), torch.Tensor
-            ):
-                index = next(counter)
+            if next(is_tensor):
+                index = len(used)
                 wanted = placer.node_input(node, index)
-                value = self._place_input(node, index, value, wanted, arg in self._written[node])
+                value = self._place_input(node, index, value, wanted, arg in written)
                 used.append(tuple(value.placements))
             return value
 
@@ -694,6 +863,8 @@ class ShardedProgram(nn.Module):
         if target is None:
             return output
         where = f"the output of node '{node.name}'"
+        if isinstance(output, DTensor):
+            return self._redistribute(output, target, where)
         return pytree.tree_map_only(DTensor, lambda t: self._redistribute(t, target, where), output)
 
     def _execute(self, node: fx.Node, args: Any, kwargs: Any) -> Any:
@@ -702,6 +873,8 @@ class ShardedProgram(nn.Module):
             output = self._local_attention(args, kwargs)
         else:
             output = node.target(*args, **kwargs)
+        if isinstance(output, DTensor):
+            return self._settle(output)
         output = pytree.tree_map_only(torch.Tensor, self._as_dtensor, output)
         return pytree.tree_map_only(DTensor, self._settle, output)
 
@@ -747,12 +920,12 @@ class ShardedProgram(nn.Module):
         masked partial, a vector norm's partial) to ``Replicate`` at once: a solution cannot
         name them, DTensor reduces a masked partial only once (a second reader fails) and
         cannot send a ``Partial`` gradient back through that reduction."""
+        if not any(p.is_partial() and type(p) is not Partial for p in value.placements):
+            return value
         placements = tuple(
             Replicate() if p.is_partial() and type(p) is not Partial else p
             for p in value.placements
         )
-        if placements == tuple(value.placements):
-            return value
         return self._pin_gradient(self._redistribute(value, placements, "a private partial"))
 
     def _place_input(
@@ -766,16 +939,21 @@ class ShardedProgram(nn.Module):
         """``value`` redistributed to ``wanted`` (``None``: where it is), checked against what
         DTensor runs the node with; a value the node writes into must stay where it is."""
         current = tuple(value.placements)
-        placements = current if wanted is None else normalize(wanted, value.ndim)
-        supported = _supported_input(node, index, placements)
-        if supported != placements:
-            if wanted is not None:
-                raise ShardingExecutionError(
-                    f"node '{node.name}' ({node.target}) cannot take input {index} placed "
-                    f"{format_placements(placements)}: DTensor computes it correctly only "
-                    f"with {format_placements(supported)}; place the input so in the solution"
-                )
-            placements = supported
+        if wanted is None:
+            placements = _supported_input(node, index, current)
+        else:
+            placements = self._checked_inputs.get((node, index))
+            if placements is None:
+                placements = normalize(wanted, value.ndim)
+                supported = _supported_input(node, index, placements)
+                if supported != placements:
+                    raise ShardingExecutionError(
+                        f"node '{node.name}' ({node.target}) cannot take input {index} placed "
+                        f"{format_placements(placements)}: DTensor computes it correctly only "
+                        f"with {format_placements(supported)}; place the input so in the "
+                        "solution"
+                    )
+                self._checked_inputs[node, index] = placements
         if written and placements != current:
             raise ShardingExecutionError(
                 f"node '{node.name}' ({node.target}) writes into input {index} in place, so it "

@@ -20,6 +20,16 @@ gradients in their storage placements, and returns the gradients of the received
 ``free(mb)`` drops what the micro-batch kept. Summing ``loss_i / m`` over the ``m`` equal
 micro-batches gives the gradient of the mean loss over the global batch (for a loss that is a
 mean over the batch).
+
+Execution is chosen by the mesh (``ShardedProgram.run_part``): on a one-device mesh (``tp=1,
+dp=1`` stages, as Megatron runs plain modules at ``tp=1``) the slice runs as a compiled
+``fx.GraphModule`` on plain tensors (``ShardedProgram.run_plain_part``), and received and sent
+values stay the plain full tensors they are (``runtime.boundary``'s DTensor wrapping is the
+identity there); on a larger mesh it runs node by node on DTensors. Either way the parameters
+are wrapped once per optimizer step (``ShardedProgram.open_step``): every schedule runs a
+stage's forwards in micro-batch order, so the forward of micro-batch 0 opens the step, and the
+``m``-th backward closes it (which, on the plain path, hands the accumulated gradients to the
+DTensor parameters before the worker synchronises and steps).
 """
 
 from __future__ import annotations
@@ -114,6 +124,7 @@ class StageProgram:
         self.sent_metas = [(m.shape, m.dtype) for m in sent_metas]
         self.sent_needs_grad = [_needs_grad(graph, n) for n in stage_slice.sent]
         self._saved: dict[int, _Saved] = {}
+        self._backwards_in_step = 0
 
     @property
     def is_last(self) -> bool:
@@ -129,22 +140,29 @@ class StageProgram:
         user_inputs: Mapping[str, torch.Tensor],
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """The tensors to send to the next stage and, on the last stage, the loss."""
+        if microbatch == 0:
+            self.program.open_step()
+            self._backwards_in_step = 0
         leaves = [
             t.requires_grad_(needs)
             for t, needs in zip(received, self.received_needs_grad, strict=True)
         ]
-        values: dict[str, object] = {
-            name: boundary.entering(t, self.mesh)
-            for name, t in zip(self.slice.received, leaves, strict=True)
-        }
-        values.update({name: user_inputs[name] for name in self.slice.user_inputs})
         wanted = [*self.slice.sent, *self.slice.outputs]
-        out = self.program.run_part(values, wanted)
-        sent = [boundary.leaving(out[name]) for name in self.slice.sent]
-        loss = None
-        if self.slice.outputs:
-            (loss_name,) = self.slice.outputs
-            loss = boundary.leaving(out[loss_name])
+        values: dict[str, object] = {name: user_inputs[name] for name in self.slice.user_inputs}
+        if self.program.runs_plain:
+            # one device: the received full tensors are the values, the results are full
+            values.update(zip(self.slice.received, leaves, strict=True))
+            out = self.program.run_plain_part(values, wanted)
+            sent = [out[name] for name in self.slice.sent]
+            loss = out[self.slice.outputs[0]] if self.slice.outputs else None
+        else:
+            values.update(
+                (name, boundary.entering(t, self.mesh))
+                for name, t in zip(self.slice.received, leaves, strict=True)
+            )
+            out = self.program.run_part(values, wanted)
+            sent = [boundary.leaving(out[name]) for name in self.slice.sent]
+            loss = boundary.leaving(out[self.slice.outputs[0]]) if self.slice.outputs else None
         self._saved[microbatch] = _Saved(leaves, sent, loss)
         return [t.detach() for t in sent], (None if loss is None else loss.detach())
 
@@ -162,6 +180,9 @@ class StageProgram:
             ]
             if pairs:
                 torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        self._backwards_in_step += 1
+        if self._backwards_in_step == self.num_microbatches:
+            self.program.close_step()
         return [
             t.grad if t.grad is not None else torch.zeros_like(t)
             for t, needs in zip(saved.received, self.received_needs_grad, strict=True)
