@@ -12,15 +12,16 @@ with the workers of the neighbouring stages:
   ``s + 1``; it is followed by ``free`` (the micro-batch's saved state of stage ``s`` is
   dropped) and, on a stage ``s > 0``, by ``send_gradient`` to stage ``s - 1``.
 
-Peers. Boundary tensors travel whole (see ``runtime.boundary``): every worker of the receiving
-stage needs the full tensor, which any worker of the sending stage holds. Receiving worker
-number ``j`` of a stage of ``n_recv`` workers receives from sending worker number ``j mod
-n_send``; so sending worker ``i`` sends to the receiving workers ``i, i + n_send, …``. The
-same pairing serves gradients with the roles swapped. ``peers`` of a send are the workers it
-sends to, of a recv the one worker it receives from.
+Peers. Boundary tensors travel as pieces (``runtime.boundary``, ``runtime.cross_mesh``): which
+worker of the sending stage sends which piece to which worker of the receiving stage depends on
+the value's shape and placements, so a transfer is treated as involving every worker of both
+stages. ``peers`` of a send or a recv are all the workers of the stage on the other side; the
+same holds for gradients with the roles swapped.
 
-Sends do not block (``isend``), receives do; ``simulate_messages`` runs the lists under exactly
-that rule and reports a deadlock, so tests can check every list before a worker runs it.
+Sends do not block (they are posted), receives do, until the piece from every sending worker
+has been posted (the most a transfer can need); ``simulate_messages`` runs the lists under
+exactly that rule and reports a deadlock, so tests can check every list before a worker runs
+it.
 """
 
 from __future__ import annotations
@@ -76,17 +77,6 @@ def pipeline_ranks(stage_ranks: Sequence[Sequence[int]], virtual_stages: int) ->
     return p
 
 
-def receive_peer(senders: Sequence[int], receivers: Sequence[int], receiver: int) -> int:
-    """The sending worker that ``receiver`` (one of ``receivers``) receives a boundary from."""
-    return senders[list(receivers).index(receiver) % len(senders)]
-
-
-def send_peers(senders: Sequence[int], receivers: Sequence[int], sender: int) -> tuple[int, ...]:
-    """The receiving workers ``sender`` (one of ``senders``) sends a boundary to."""
-    index = list(senders).index(sender)
-    return tuple(receivers[j] for j in range(index, len(receivers), len(senders)))
-
-
 def build_instructions(
     tasks_per_rank: Sequence[Sequence[Task]],
     stage_ranks: Sequence[Sequence[int]],
@@ -103,16 +93,13 @@ def build_instructions(
     for r, tasks in enumerate(tasks_per_rank):
         for worker in stage_ranks[r]:
             lists[worker] = [
-                step
-                for task in tasks
-                for step in _expand(task, worker, stage_ranks, num_stages, r, p)
+                step for task in tasks for step in _expand(task, stage_ranks, num_stages, r, p)
             ]
     return lists
 
 
 def _expand(
     task: Task,
-    worker: int,
     stage_ranks: Sequence[Sequence[int]],
     num_stages: int,
     rank: int,
@@ -121,24 +108,19 @@ def _expand(
     s, mb = task.stage, task.microbatch
     if s % p != rank:
         raise ValueError(f"{task} is listed on pipeline rank {rank} but stage {s} is on {s % p}")
-    own = stage_ranks[s]
     steps: list[Instruction] = []
     if task.kind == FORWARD:
         if s > 0:
-            peer = receive_peer(stage_ranks[s - 1], own, worker)
-            steps.append(Instruction(RECV_ACTIVATION, s, mb, s - 1, (peer,)))
+            steps.append(Instruction(RECV_ACTIVATION, s, mb, s - 1, tuple(stage_ranks[s - 1])))
         steps.append(Instruction(FORWARD, s, mb))
         if s < num_stages - 1:
-            peers = send_peers(own, stage_ranks[s + 1], worker)
-            steps.append(Instruction(SEND_ACTIVATION, s, mb, s + 1, peers))
+            steps.append(Instruction(SEND_ACTIVATION, s, mb, s + 1, tuple(stage_ranks[s + 1])))
     elif task.kind == BACKWARD:
         if s < num_stages - 1:
-            peer = receive_peer(stage_ranks[s + 1], own, worker)
-            steps.append(Instruction(RECV_GRADIENT, s, mb, s + 1, (peer,)))
+            steps.append(Instruction(RECV_GRADIENT, s, mb, s + 1, tuple(stage_ranks[s + 1])))
         steps += [Instruction(BACKWARD, s, mb), Instruction(FREE, s, mb)]
         if s > 0:
-            peers = send_peers(own, stage_ranks[s - 1], worker)
-            steps.append(Instruction(SEND_GRADIENT, s, mb, s - 1, peers))
+            steps.append(Instruction(SEND_GRADIENT, s, mb, s - 1, tuple(stage_ranks[s - 1])))
     else:
         raise ValueError(f"task kind must be {FORWARD!r} or {BACKWARD!r}, got {task.kind!r}")
     return steps
@@ -166,10 +148,10 @@ def simulate_messages(lists: Mapping[int, Sequence[Instruction]]) -> None:
                 if step.op in (SEND_ACTIVATION, SEND_GRADIENT):
                     posted.update(_message(step, worker, peer) for peer in step.peers)
                 elif step.op in (RECV_ACTIVATION, RECV_GRADIENT):
-                    wanted = _message(step, step.peers[0], worker)
-                    if wanted not in posted:
+                    wanted = {_message(step, peer, worker) for peer in step.peers}
+                    if not wanted <= posted:
                         break
-                    posted.remove(wanted)
+                    posted -= wanted
                 pointer[worker] += 1
                 progress = True
     stuck = [f"worker {w} at {lists[w][i]}" for w, i in pointer.items() if i < len(lists[w])]

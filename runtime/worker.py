@@ -32,6 +32,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
@@ -55,7 +56,7 @@ from runtime.instructions import (
     build_instructions,
 )
 from runtime.stage_graph import slice_stages
-from runtime.stage_program import StageProgram, full_parameters
+from runtime.stage_program import StageProgram, batch_placements, full_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +171,8 @@ class PipelineWorker:
                 )
         del state
         self.shared = self._shared_parameter_groups(layout)
+        self.channels = self._boundary_groups(layout)
+        self._plans: dict[tuple[int, int, int], boundary.TransferPlan] = {}
         self.optimizer = program.optimizer_fn(self._unique_parameters())
         tasks = build_schedule(plan.schedule, p, plan.num_microbatches, plan.virtual_stages)
         self.instructions: list[Instruction] = build_instructions(tasks, layout)[self.rank]
@@ -219,6 +222,29 @@ class PipelineWorker:
                 shared.append((fqn, stages, group))
         return shared
 
+    def _boundary_groups(self, layout: list[tuple[int, ...]]) -> dict[tuple[int, int], Any]:
+        """(kind, sending stage) → the process group of the two stages' workers that carries
+        that direction of the boundary (one per direction, so each group's messages run in
+        micro-batch order on both sides; NCCL matches no tags). Every worker creates every
+        group, in boundary order."""
+        channels = {}
+        for s in range(len(layout) - 1):
+            common = sorted(set(layout[s]) & set(layout[s + 1]))
+            if common:
+                raise ValueError(
+                    f"stages {s} and {s + 1} share workers {common}; consecutive stages must run "
+                    "on different workers: re-plan with more pipeline ranks"
+                )
+            ranks = sorted({*layout[s], *layout[s + 1]})
+            for kind, sender in ((boundary.ACTIVATION, s), (boundary.GRADIENT, s + 1)):
+                group = dist.new_group(ranks, timeout=self.timeout)
+                if self.rank in ranks:
+                    channels[kind, sender] = group
+                    if self.backend == "nccl":
+                        # NCCL: the first operation on a group must involve all its ranks
+                        dist.barrier(group=group)
+        return channels
+
     def _unique_parameters(self) -> list[nn.Parameter]:
         seen: dict[int, nn.Parameter] = {}
         for program in self.programs.values():
@@ -244,14 +270,13 @@ class PipelineWorker:
         losses: dict[int, float] = {}
         inbox: dict[tuple[str, int, int], list[torch.Tensor]] = {}
         outbox: dict[tuple[str, int, int], list[torch.Tensor]] = {}
-        pending: list[tuple[Any, torch.Tensor]] = []
-        num_stages = len(plan.stages)
+        pending: list[boundary.PendingTransfer] = []
         for step in self.instructions:
             program = self.programs[step.stage]
             mb = step.microbatch
             if step.op == RECV_ACTIVATION:
                 inbox["act", step.stage, mb] = self._receive(
-                    step, program.received_metas, boundary.ACTIVATION, step.stage - 1, num_stages
+                    step, program.received_metas, boundary.ACTIVATION, step.stage - 1
                 )
             elif step.op == FORWARD:
                 received = inbox.pop(("act", step.stage, mb), [])
@@ -261,7 +286,7 @@ class PipelineWorker:
                     losses[mb] = float(loss)
             elif step.op == SEND_ACTIVATION:
                 pending += self._send(
-                    step, outbox.pop(("act", step.stage, mb)), boundary.ACTIVATION, num_stages
+                    step, outbox.pop(("act", step.stage, mb)), boundary.ACTIVATION
                 )
             elif step.op == RECV_GRADIENT:
                 metas = [
@@ -269,9 +294,7 @@ class PipelineWorker:
                     for m, needs in zip(program.sent_metas, program.sent_needs_grad, strict=True)
                     if needs
                 ]
-                grads = iter(
-                    self._receive(step, metas, boundary.GRADIENT, step.stage + 1, num_stages)
-                )
+                grads = iter(self._receive(step, metas, boundary.GRADIENT, step.stage + 1))
                 inbox["grad", step.stage, mb] = [
                     next(grads) if needs else None for needs in program.sent_needs_grad
                 ]
@@ -281,11 +304,9 @@ class PipelineWorker:
             elif step.op == FREE:
                 program.free(mb)
             elif step.op == SEND_GRADIENT:
-                pending += self._send(
-                    step, outbox.pop(("grad", step.stage, mb)), boundary.GRADIENT, num_stages
-                )
-        for work, _ in pending:
-            work.wait(self.timeout)
+                pending += self._send(step, outbox.pop(("grad", step.stage, mb)), boundary.GRADIENT)
+        for transfer in pending:
+            transfer.wait()
         self._sync_shared_gradients()
         self.optimizer.step()
         if not self._reports_loss():
@@ -305,14 +326,55 @@ class PipelineWorker:
             for mb in range(num_microbatches)
         ]
 
+    def _side(self, stage: int, shape: torch.Size, receiving: bool) -> boundary.MeshSide:
+        """Stage ``stage``'s mesh and a value's placement on it: the placement the stage's
+        program reads a received value in, or the boundary placement it sends a value in."""
+        logical = tuple(self.plan.stages[stage].logical_mesh)
+        ranks = np.array(self.plan.stages[stage].devices).reshape(logical)
+        if receiving:
+            placements = batch_placements(shape, self.graph.batch_size or 0, logical)
+        else:
+            placements = boundary.boundary_placements(shape, logical)
+        return boundary.MeshSide(ranks, tuple(placements))
+
+    def _sides(
+        self, kind: int, from_stage: int, shape: torch.Size
+    ) -> tuple[boundary.MeshSide, boundary.MeshSide]:
+        """(source, destination) of a boundary value: an activation goes from the sender's
+        boundary placement to the receiver's input placement, its gradient the other way."""
+        if kind == boundary.ACTIVATION:
+            return self._side(from_stage, shape, False), self._side(from_stage + 1, shape, True)
+        return self._side(from_stage, shape, True), self._side(from_stage - 1, shape, False)
+
+    def _transfer_plan(
+        self, kind: int, from_stage: int, index: int, shape: torch.Size, dtype: torch.dtype
+    ) -> tuple[boundary.TransferPlan, boundary.MeshSide, boundary.MeshSide]:
+        key = (kind, from_stage, index)
+        src, dst = self._sides(kind, from_stage, shape)
+        if key not in self._plans:
+            self._plans[key] = boundary.transfer_plan(shape, dtype, src, dst)
+        return self._plans[key], src, dst
+
     def _send(
-        self, step: Instruction, tensors: list[torch.Tensor], kind: int, num_stages: int
-    ) -> list[tuple[Any, torch.Tensor]]:
-        tags = [
-            boundary.message_tag(kind, step.microbatch, step.stage, num_stages, i)
-            for i in range(len(tensors))
-        ]
-        return boundary.send(tensors, step.peers, tags)
+        self, step: Instruction, tensors: list[torch.Tensor], kind: int
+    ) -> list[boundary.PendingTransfer]:
+        """Post this worker's pieces of every value (in value order) to the next stage's (an
+        activation) or the previous stage's (a gradient) workers."""
+        pending = []
+        for i, tensor in enumerate(tensors):
+            plan, src, _ = self._transfer_plan(kind, step.stage, i, tensor.shape, tensor.dtype)
+            pending.append(
+                boundary.start(
+                    plan,
+                    boundary.local_piece(tensor, src),
+                    self.rank,
+                    self.channels[kind, step.stage],
+                    None,
+                    tensor.dtype,
+                    self.device,
+                )
+            )
+        return pending
 
     def _receive(
         self,
@@ -320,13 +382,24 @@ class PipelineWorker:
         metas: list[tuple[torch.Size, torch.dtype]],
         kind: int,
         from_stage: int,
-        num_stages: int,
     ) -> list[torch.Tensor]:
-        tags = [
-            boundary.message_tag(kind, step.microbatch, from_stage, num_stages, i)
-            for i in range(len(metas))
-        ]
-        return boundary.receive(metas, step.peers[0], tags, self.timeout, self.device)
+        """Receive this worker's piece of every value (in value order), as the value in the
+        placement this stage reads it in; raises on timeout or a vanished peer."""
+        axis_groups = {axis: self.mesh.get_group(axis) for axis in range(self.mesh.ndim)}
+        started = []
+        for i, (shape, dtype) in enumerate(metas):
+            plan, _, dst = self._transfer_plan(kind, from_stage, i, shape, dtype)
+            transfer = boundary.start(
+                plan,
+                None,
+                self.rank,
+                self.channels[kind, from_stage],
+                axis_groups,
+                dtype,
+                self.device,
+            )
+            started.append((transfer, dst))
+        return [boundary.finish(transfer, dst, self.mesh) for transfer, dst in started]
 
     def _sync_shared_gradients(self) -> None:
         """Sum the full gradients of a parameter read by several stages over those stages

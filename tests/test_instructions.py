@@ -84,17 +84,28 @@ def test_workers_of_a_stage_group_run_the_same_computation(name, p, m, v, sizes)
         assert all(c == compute[0] for c in compute)
 
 
-def test_boundaries_pair_every_receiving_worker_with_one_sender():
-    # stage 0 on workers (0, 1), stage 1 on (2, 3, 4): receivers 2 and 4 hear from 0, 3 from 1
+def test_boundary_steps_name_every_worker_of_the_stage_on_the_other_side():
+    # stage 0 on workers (0, 1), stage 1 on (2, 3, 4): a transfer may involve any pair
     _, _, lists = _lists("1f1b", 2, 2, 1, (2, 3))
-    sends = {w: [i for i in lists[w] if i.op == SEND_ACTIVATION] for w in (0, 1)}
-    assert {i.peers for i in sends[0]} == {(2, 4)}
-    assert {i.peers for i in sends[1]} == {(3,)}
-    recvs = {w: {i.peers for i in lists[w] if i.op == RECV_ACTIVATION} for w in (2, 3, 4)}
-    assert recvs == {2: {(0,)}, 3: {(1,)}, 4: {(0,)}}
-    grads = {w: {i.peers for i in lists[w] if i.op == RECV_GRADIENT} for w in (0, 1)}
-    assert grads == {0: {(2,)}, 1: {(3,)}}
-    assert {i.peers for i in lists[2] if i.op == SEND_GRADIENT} == {(0,)}
+    for w in (0, 1):
+        assert {i.peers for i in lists[w] if i.op in (SEND_ACTIVATION, RECV_GRADIENT)} == {
+            (2, 3, 4)
+        }
+    for w in (2, 3, 4):
+        assert {i.peers for i in lists[w] if i.op in (RECV_ACTIVATION, SEND_GRADIENT)} == {(0, 1)}
+
+
+def test_a_receive_waits_for_every_sending_worker():
+    # stage 0 on (0, 1), stage 1 on (2,): worker 1 posting its send late stalls worker 2
+    _, _, lists = _lists("gpipe", 2, 1, 1, (2, 1))
+    late = [i for i in lists[1] if i.op == SEND_ACTIVATION]
+    lists[1] = [
+        Instruction(RECV_GRADIENT, 0, 0, 1, (2,)),
+        *[i for i in lists[1] if i.op not in (SEND_ACTIVATION, RECV_GRADIENT)],
+        *late,
+    ]
+    with pytest.raises(RuntimeError, match="deadlock"):
+        simulate_messages(lists)
 
 
 def test_a_reordered_list_deadlocks_in_simulation():
