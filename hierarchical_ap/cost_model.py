@@ -18,20 +18,42 @@ and n = 1 costs nothing. The step counts and per-byte factors are `ring_steps` a
 are used as they are for that collective (on gloo a reduce-scatter is no cheaper than an
 all-reduce, which no analytic formula predicts), and `link_efficiency` does not apply.
 
-A group spanning k hosts with g devices on each (n = k·g) is costed like NCCL's hierarchical
-algorithms, the intra-host phases on the intra-host link and the inter-host phase on the
-inter-host link, where the g devices of a host each run the inter-host collective on 1/g of the
-data in parallel:
+A group spanning k hosts with g devices on each (n = k·g):
 
     all-reduce      = RS_intra(g, B) + AR_inter(k, B/g) + AG_intra(g, B)
-    all-gather      = AG_inter(k, B/g) + AG_intra(g, B)
-    reduce-scatter  = RS_intra(g, B) + RS_inter(k, B/g)
+    all-gather      = (k−1)·α_inter + (n−k)·α_intra + (n−1)/n · B·max(β_inter/g, (g−1)/g·β_intra)
+    reduce-scatter  = the same as all-gather (B = the full input)
     all-to-all      = (g−1)·α_intra + (g−1)/n · B·β_intra + (n−g)·α_inter + (n−g)/n · B·β_inter
     send/recv       = on the inter-host link
 
-(all-to-all: each device exchanges B/n bytes with its g−1 host peers over the intra-host link and
-its n−g remote peers over the inter-host link). A group that does not split evenly across hosts
-is costed as a flat ring over the inter-host link, the bottleneck of such a ring.
+All-reduce is costed like NCCL's hierarchical algorithms, the intra-host phases on the
+intra-host link and the inter-host phase on the inter-host link, where the g devices of a host
+each run the inter-host all-reduce on 1/g of the data in parallel.
+
+All-gather and reduce-scatter have no hierarchical algorithm in the NCCL releases of the
+published A100 runs (2021; only all-reduce has a tree): they run as one flat ring over all n
+ranks, ordered host by host, with as many rings (channels) as a host has NICs, each leaving the
+host through a different NIC. (Later releases add PAT, for one GPU per host, and CollNet / NVLS
+with in-switch reduction; the model does not cover those.) Hence:
+
+* latency: a chunk travels n−1 hops round the ring, k−1 of them between hosts, so the ring pays
+  (k−1)·α_inter + (n−k)·α_intra. This is NCCL's own tuning model (`tuning.cc`: ring latency
+  `(nsteps − nInterSteps)·intraLat + nInterSteps·interLat`, `nInterSteps = nNodes − 1` for
+  all-gather / reduce-scatter). Unlike the two-phase (hierarchical) decomposition, which has
+  only (k−1) + (g−1) steps, it grows with the number of ranks n, not hosts. ZeRO-3 over every
+  GPU of a large cluster pays it per sharded parameter tensor four times a micro-batch under
+  full recomputation (all-gathers for the forward, the recomputed forward and the backward,
+  and the gradient's reduce-scatter);
+* bandwidth: every ring link carries (n−1)/n · B (spread over the rings). Each device sends 1/g
+  of that through its own NIC (the rings leaving the host by it) and (g−1)/g over NVLink, at
+  the same time, so the slower of the two is the time: max(β_inter/g, (g−1)/g · β_intra),
+  which on GPU hosts is the network's share, as in the inter-host phase of the two-phase form
+  (the intra-host phase overlaps the network instead of following it).
+
+With g = 1 this is the flat ring on the inter-host link. (All-to-all: each device exchanges B/n
+bytes with its g−1 host peers over the intra-host link and its n−g remote peers over the
+inter-host link.) A group that does not split evenly across hosts is costed as a flat ring over
+the inter-host link, the bottleneck of such a ring.
 """
 
 from __future__ import annotations
@@ -146,7 +168,7 @@ class CostModel:
             return self.ring_time(collective, n, nbytes, axis.intra_link)
         if collective is Collective.SEND_RECV or not axis.splits_evenly:
             return self.ring_time(collective, n, nbytes, axis.inter_link)
-        return self._hierarchical_time(collective, nbytes, axis)
+        return self._multi_host_time(collective, nbytes, axis)
 
     def all_reduce_time(self, nbytes: float, axes: MeshAxis | Sequence[MeshAxis]) -> float:
         """All-reduce of an `nbytes` buffer: 2(n−1)·α + 2(n−1)/n · nbytes·β on one link."""
@@ -184,8 +206,9 @@ class CostModel:
             return fit.alpha, fit.beta
         return link.latency, 1.0 / (link.bandwidth * self.link_efficiency)
 
-    def _hierarchical_time(self, collective: Collective, nbytes: float, axis: MeshAxis) -> float:
-        """NCCL-style two-level collective on k hosts × g devices (module docstring)."""
+    def _multi_host_time(self, collective: Collective, nbytes: float, axis: MeshAxis) -> float:
+        """A collective on k hosts × g devices as NCCL runs it (module docstring): two-level
+        all-reduce, flat-ring all-gather / reduce-scatter, pairwise all-to-all."""
         k, g, n = axis.hosts, axis.devices_per_host, axis.size
         intra, inter = axis.intra_link, axis.inter_link
         if collective is Collective.ALL_REDUCE:
@@ -194,19 +217,23 @@ class CostModel:
                 + self.ring_time(Collective.ALL_REDUCE, k, nbytes / g, inter)
                 + self.ring_time(Collective.ALL_GATHER, g, nbytes, intra)
             )
-        if collective is Collective.ALL_GATHER:
-            return self.ring_time(Collective.ALL_GATHER, k, nbytes / g, inter) + self.ring_time(
-                Collective.ALL_GATHER, g, nbytes, intra
-            )
-        if collective is Collective.REDUCE_SCATTER:
-            return self.ring_time(Collective.REDUCE_SCATTER, g, nbytes, intra) + self.ring_time(
-                Collective.REDUCE_SCATTER, k, nbytes / g, inter
-            )
+        if collective in (Collective.ALL_GATHER, Collective.REDUCE_SCATTER):
+            return self._flat_ring_time(collective, nbytes, axis)
         # all-to-all: g−1 peers on the host, n−g on other hosts, each getting nbytes / n.
         per_peer = nbytes / n
         return self._exchange_time(g - 1, per_peer, intra) + self._exchange_time(
             n - g, per_peer, inter
         )
+
+    def _flat_ring_time(self, collective: Collective, nbytes: float, axis: MeshAxis) -> float:
+        """NCCL's ring all-gather / reduce-scatter over k hosts × g devices (module docstring):
+        (k−1)·α_inter + (n−k)·α_intra + (n−1)/n · B · max(β_inter/g, (g−1)/g · β_intra)."""
+        k, g, n = axis.hosts, axis.devices_per_host, axis.size
+        alpha_intra, beta_intra = self._alpha_beta(collective, axis.intra_link)
+        alpha_inter, beta_inter = self._alpha_beta(collective, axis.inter_link)
+        latency = (k - 1) * alpha_inter + (n - k) * alpha_intra
+        per_byte = max(beta_inter / g, (g - 1) / g * beta_intra)
+        return latency + ring_traffic(collective, n) * nbytes * per_byte
 
     def _exchange_time(self, peers: int, per_peer: float, link: Link) -> float:
         """`peers` pairwise exchanges of `per_peer` bytes on one link: peers·(α + per_peer·β)."""

@@ -169,12 +169,16 @@ def test_interleaved_in_flight_memory_is_megatron_warmup_times_layer_inputs(gpt3
     assert simulation.memory[-1].activations < simulation.memory[0].activations
 
 
-def test_zero3_run_shards_every_weight_over_all_gpus(gpt3):
+@pytest.fixture(scope="module")
+def zero3_1536(gpt3):
+    context = context_for(gpt3, RUNS["T2 ZeRO-3 174.6B 1536"])
+    return (context, *best_manual(context, RUNS["T2 ZeRO-3 174.6B 1536"].configs))
+
+
+def test_zero3_run_shards_every_weight_over_all_gpus(zero3_1536):
     """tp = pp = 1 on 1536 GPUs: 175B parameters at 18 bytes cannot be replicated, so the ILP
     shards parameters, gradients and optimizer states over the data-parallel axis (ZeRO-3)."""
-    run = RUNS["T2 ZeRO-3 174.6B 1536"]
-    context = context_for(gpt3, run)
-    config, candidate, simulation = best_manual(context, run.configs)
+    context, config, candidate, simulation = zero3_1536
     assert (config.tp, config.pp, config.dp) == (1, 1, 1536)
     assert candidate.num_microbatches == 1
     option = candidate.options[0]
@@ -193,3 +197,23 @@ def test_zero3_run_shards_every_weight_over_all_gpus(gpt3):
     memory = simulation.memory[0]
     state = memory.parameters + memory.gradients + memory.optimizer
     assert state == pytest.approx(18 * (sharded / 1536 + replicated), rel=0.01)
+
+
+def test_zero3_gathers_each_weight_three_times_per_micro_batch_on_one_flat_ring(zero3_1536):
+    """ZeRO-3 with full recomputation on 1536 GPUs (192 DGX hosts), one micro-batch of one
+    sequence per GPU. Per block, the four weight matrices (12h² fp16 values) are all-gathered
+    for the forward, again for the recomputed forward and again for the backward, and their
+    gradients reduce-scattered; each collective is NCCL's flat ring over all 1536 ranks:
+    191·α_IB + 1344·α_NVLink + (n−1)/n · bytes / (8 NICs · 25 GB/s · 0.8). Hand-derived against
+    the roofline GEMM time of a block, 24·s·h²·(1 + s/6h) FLOPs at 0.6 × 312 TFLOP/s (what the
+    roofline adds for memory-bound ops is a few per cent)."""
+    _, _, _, simulation = zero3_1536
+    h, s, blocks, n, hosts = 12288, 2048, 96, 1536, 192
+    latency = (hosts - 1) * 10e-6 + (n - hosts) * 5e-6
+    per_byte = (n - 1) / n / (8 * 25e9 * 0.8)
+    gather = sum(latency + per_byte * 2 * h * h * c for c in (3, 1, 4, 4))
+    compute = 24 * s * h * h * (1 + s / (6 * h)) / (312e12 * 0.6)
+    (stage,) = simulation.stages
+    assert stage.forward_s == pytest.approx(blocks * (compute + gather), rel=0.05)
+    # recomputed forward (compute + gather) + backward (2 × compute, gather, reduce-scatter)
+    assert stage.backward_s == pytest.approx(blocks * 3 * (compute + gather), rel=0.03)
