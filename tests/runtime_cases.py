@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +38,25 @@ class BlockMLP(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.out(x)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def local_ray(num_cpus: int) -> Iterator[None]:
+    """A local Ray session with ``num_cpus`` logical CPUs whose workers import this checkout,
+    one thread each; shut down on exit."""
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}},
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def class_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -30,25 +30,24 @@ from hierarchical_ap.errors import CheckpointError, WorkerFailedError
 from hierarchical_ap.plan import ParallelPlan, fingerprint
 from runtime import checkpoint
 from runtime.executable import ParallelExecutable
-from tests.runtime_cases import adamw, build_case, compare, megatron, plan_for, reference_run
+from tests.runtime_cases import (
+    adamw,
+    build_case,
+    compare,
+    local_ray,
+    megatron,
+    plan_for,
+    reference_run,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 LOGICAL_CPUS = 6  # the 2-worker executable the module shares, and one of 4 beside it
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
 def ray_session() -> Iterator[None]:
-    ray.init(
-        num_cpus=LOGICAL_CPUS,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}},
-    )
-    try:
+    with local_ray(LOGICAL_CPUS):
         yield
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

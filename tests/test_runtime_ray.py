@@ -13,7 +13,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import ray
@@ -21,25 +20,25 @@ import torch
 
 import hierarchical_ap as hap
 from hierarchical_ap.errors import PlanError, WorkerFailedError
-from tests.runtime_cases import adamw, build_case, compare, megatron, plan_for, reference_run, sgd
+from tests.runtime_cases import (
+    adamw,
+    build_case,
+    compare,
+    local_ray,
+    megatron,
+    plan_for,
+    reference_run,
+    sgd,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 LOGICAL_CPUS = 8
 STEPS = 3
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session() -> Iterator[None]:
-    ray.init(
-        num_cpus=LOGICAL_CPUS,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}},
-    )
-    try:
+    with local_ray(LOGICAL_CPUS):
         yield
-    finally:
-        ray.shutdown()
 
 
 def _train(name, plan, workers, optimizer_fn, *, meta=False, steps=STEPS, plan_arg=None):
