@@ -210,7 +210,14 @@ class PartSolver:
             num_microbatches=self.num_microbatches_of(b),
         )
         session = IlpSession(cost_graph.problem, time_limit_s=self.time_limit_s)
-        part = _Part(graph, nodes, logical, cost_graph, session)
+        part = _Part(
+            graph,
+            logical,
+            cost_graph,
+            session,
+            prefix=layer_prefix(graph, nodes),
+            input_bytes=_external_input_bytes(graph, nodes) / logical.shape[0],
+        )
         levels: list[PartCost | None] = [self._solve_one(part, None, False)]
         if levels[0] is None:
             return (None,) * MEMORY_LEVELS
@@ -231,11 +238,10 @@ class PartSolver:
         return tuple(levels)
 
     def _solve_one(self, part: _Part, budget: float | None, lean: bool) -> PartCost | None:
-        graph, nodes = part.graph, part.nodes
         try:
             solution = solve_cost_graph(
                 part.cost_graph,
-                graph,
+                part.graph,
                 part.mesh,
                 self.cluster,
                 memory_budget_bytes=budget,
@@ -244,14 +250,14 @@ class PartSolver:
             )
         except NoFeasiblePlanError:
             return None
-        prefix = layer_prefix(graph, nodes)
+        prefix = part.prefix
         return PartCost(
             time_s=solution.cost_s,
             forward_time_s=solution.forward_time_s,
             gradient_sync_s=solution.gradient_sync_s,
             state_bytes=solution.state_bytes_per_device,
             activation_bytes=solution.activation_bytes_per_device,
-            input_bytes=_external_input_bytes(graph, nodes) / part.mesh.shape[0],
+            input_bytes=part.input_bytes,
             param_placements={
                 fqn[len(prefix) :]: placement_strings(p)
                 for fqn, p in solution.param_placements.items()
@@ -261,14 +267,15 @@ class PartSolver:
 
 @dataclass(frozen=True)
 class _Part:
-    """One part on one mesh at one micro-batch size, with its cost graph and ILP session (built
-    once for all memory levels)."""
+    """One part on one mesh at one micro-batch size, with what every memory level shares: its
+    cost graph, ILP session, parameter-name prefix and external input bytes per device."""
 
     graph: OpGraph
-    nodes: Sequence[str]
     mesh: LogicalMesh
     cost_graph: CostGraph
     session: IlpSession
+    prefix: str
+    input_bytes: float
 
 
 _SOLVER: PartSolver | None = None
