@@ -99,6 +99,9 @@ class OpGraph:
     _fx_nodes: dict[str, fx.Node] | None = field(default=None, repr=False)
     _rebuild: Callable[[int], OpGraph] | None = field(default=None, repr=False)
     """Set on graphs captured with ``dynamic_batch=True``: re-derives the graph at a batch."""
+    stamped: bool = False
+    """Built by ``hierarchical_ap.stamping`` from a shallower trace: it plans like a traced graph
+    but has no executable program of its own (``exported`` is the shallow trace's)."""
 
     @property
     def batch_is_dynamic(self) -> bool:
@@ -126,6 +129,11 @@ class OpGraph:
     @property
     def graph_module(self) -> fx.GraphModule:
         """The aten-level ``fx.GraphModule`` (parameters are its leading inputs)."""
+        if self.stamped:
+            raise ValueError(
+                "this graph was stamped from a shallower trace for planning and has no "
+                "executable program; capture the model with hierarchical_ap.graph.capture to run it"
+            )
         return self.exported.graph_module
 
     @property
@@ -532,7 +540,7 @@ def _build_op_graph(
         _consumers=consumers,
     )
     for layer in layers:
-        layer.structural_hash = _structural_hash(graph, layer)
+        layer.structural_hash = structural_hash(graph, layer)
     logger.debug("profiled %d distinct node signatures", builder.profiler.distinct_signatures)
     return graph
 
@@ -693,7 +701,7 @@ def _assign_layers(nodes: dict[str, OpNode], consumers: Mapping[str, list[str]])
     return list(layers.values())
 
 
-def _structural_hash(graph: OpGraph, layer: Layer) -> str:
+def structural_hash(graph: OpGraph, layer: Layer) -> str:
     """Hash of a layer's structure: equal for identical blocks at different depths."""
     local_index = {name: i for i, name in enumerate(layer.nodes)}
     prefix = layer.name + "."

@@ -29,6 +29,11 @@ Before solving, the problem shrinks:
 * an edge whose matrix is separable, ``R_ij = a_i + b_j``, is folded into ``c_u`` and ``c_w``
   (no ``e`` variables are needed for it).
 
+The *smallest* assignment (``IlpSession.solve_smallest``) is exact without a budget row: memory
+is additive over groups, so ``Σ_v m_vᵀ s_v`` is minimal exactly when every group picks one of its
+least-memory strategies. Fixing every other ``s_{v,i}`` to 0 and minimising time leaves an
+unbudgeted problem (an LP, as a rule): the fastest of the smallest assignments.
+
 The shrunk problem is laid out as sparse arrays (``build_model``) and solved by HiGHS through
 highspy by default, or by CBC through PuLP (the fallback, from the same arrays), under a time
 limit.
@@ -58,6 +63,10 @@ MIP_ABSOLUTE_GAP = 1e-6
 """Optimality gaps (relative; absolute in microseconds) at which the solver stops: tight, so
 that the nanosecond tie-breaks of ``intra_op.cost_graph`` count."""
 
+
+MEMORY_TIE_TOLERANCE = 1e-9
+"""Strategies whose memory exceeds their group's least by at most this fraction of the least
+total memory count as least-memory strategies (``IlpSession.solve_smallest``)."""
 
 INTEGRALITY_TOLERANCE = 1e-9
 """How close to 0 or 1 every ``s`` of an LP-relaxation optimum must be to be taken as is."""
@@ -123,6 +132,17 @@ class IlpSession:
 
     def solve(self, memory_budget: float | None) -> IlpResult:
         """The optimum under ``memory_budget`` bytes per device (``None``: unbounded)."""
+        return self._solve(memory_budget, np.zeros(0, dtype=np.int32))
+
+    def solve_smallest(self) -> IlpResult:
+        """The fastest of the assignments of least memory (module docstring: exact, no budget
+        row; ties in memory within ``MEMORY_TIE_TOLERANCE`` count as equal)."""
+        excess = self.model.memory_excess
+        tolerance = MEMORY_TIE_TOLERANCE * max(1.0, minimum_memory(self.problem))
+        return self._solve(None, np.flatnonzero(excess > tolerance).astype(np.int32))
+
+    def _solve(self, memory_budget: float | None, excluded: np.ndarray) -> IlpResult:
+        """The optimum under ``memory_budget`` with the ``excluded`` columns fixed to 0."""
         started = time.perf_counter()
         upper = np.inf if memory_budget is None else memory_budget - self.model.fixed_memory
         status, values, used = None, None, self.solver
@@ -130,12 +150,12 @@ class IlpSession:
             try:
                 if self._highs is None:
                     self._highs = _HighsModel(self.model, self.time_limit_s)
-                status, values = self._highs.solve(upper)
+                status, values = self._highs.solve(upper, excluded)
             except _SolverFailed as exc:
                 logger.warning("HiGHS failed (%s); falling back to CBC", exc)
                 used = "cbc"
         if used != "highs":
-            status, values = _solve_cbc(self.model, upper, self.time_limit_s)
+            status, values = _solve_cbc(self.model, upper, self.time_limit_s, excluded)
             used = "cbc"
         if status == "infeasible":
             raise InfeasibleError(_smallest_memory_message(self.problem, memory_budget))
@@ -176,6 +196,8 @@ class LinearModel:
     fixed_memory: float
     """Memory of the constant groups: the budget row (5), the last, bounds the rest by
     ``budget − fixed_memory`` (its upper bound is infinite until a budget is given)."""
+    memory_excess: np.ndarray
+    """Per column: the memory of its strategy above its group's least (0 for ``e`` columns)."""
 
     @property
     def num_columns(self) -> int:
@@ -243,8 +265,16 @@ def build_model(problem: ShardingProblem) -> LinearModel:
     )  # (5), bounded by IlpSession.solve
     integer = np.zeros(column, dtype=bool)
     integer[:num_s] = True
+    excess = np.zeros(column)
+    for span, m in free:
+        excess[span[0] : span[1]] = m - m.min()
     return LinearModel(
-        cost, integer, *rows.arrays(), group_columns=tuple(group_columns), fixed_memory=fixed
+        cost,
+        integer,
+        *rows.arrays(),
+        group_columns=tuple(group_columns),
+        fixed_memory=fixed,
+        memory_excess=excess,
     )
 
 
@@ -350,13 +380,27 @@ class _HighsModel:
         )
         self.highs = highs
 
-    def solve(self, budget_row_upper: float) -> tuple[str, np.ndarray | None]:
-        """``(status, x or None)`` with the budget row (5) bounded by ``budget_row_upper``."""
-        import highspy
-
+    def solve(
+        self, budget_row_upper: float, excluded: np.ndarray
+    ) -> tuple[str, np.ndarray | None]:
+        """``(status, x or None)`` with the budget row (5) bounded by ``budget_row_upper`` and
+        the ``excluded`` columns fixed to 0."""
         highs, model = self.highs, self.model
         if model.num_columns == 0:
             return ("optimal" if budget_row_upper >= 0 else "infeasible"), np.zeros(0)
+        count = len(excluded)
+        if count:
+            highs.changeColsBounds(count, excluded, np.zeros(count), np.zeros(count))
+        try:
+            return self._solve(budget_row_upper)
+        finally:
+            if count:
+                highs.changeColsBounds(count, excluded, np.zeros(count), np.ones(count))
+
+    def _solve(self, budget_row_upper: float) -> tuple[str, np.ndarray | None]:
+        import highspy
+
+        highs, model = self.highs, self.model
         highs.changeRowBounds(model.num_rows - 1, -highspy.kHighsInf, budget_row_upper)
         status, values = _run_highs(highs, model.num_columns)
         if values is None or _is_integral(values[model.integer]):
@@ -390,7 +434,7 @@ def _is_integral(values: np.ndarray) -> bool:
 
 
 def _solve_cbc(
-    model: LinearModel, budget_row_upper: float, time_limit_s: float
+    model: LinearModel, budget_row_upper: float, time_limit_s: float, excluded: np.ndarray
 ) -> tuple[str, np.ndarray | None]:
     """CBC through PuLP, from the same arrays; ``(status, x or None)``."""
     lp = pulp.LpProblem("sharding", pulp.LpMinimize)
@@ -400,6 +444,8 @@ def _solve_cbc(
         )
         for i in range(model.num_columns)
     ]
+    for i in excluded:
+        x[i].upBound = 0  # after creation: PuLP resets a binary's bounds to [0, 1]
     for r in range(model.num_rows):
         lo, hi = model.row_starts[r], model.row_starts[r + 1]
         expr = pulp.lpDot([x[c] for c in model.columns[lo:hi]], model.values[lo:hi].tolist())

@@ -36,8 +36,8 @@ def solve_sharding(
     of the (sub)graph (``nodes``: solve only these, values from outside are inputs), with
     gradients synchronised once per ``num_microbatches``, subject to ``memory_budget_bytes``
     per device for parameters, gradients, optimizer states and saved activations. ``lean``
-    instead bounds memory by the least any assignment needs (+1 %): the fastest of the
-    smallest plans, which the outer planner keeps for stages that are short of memory.
+    instead asks for the fastest of the assignments of least memory (exact, no budget row:
+    ``IlpSession.solve_smallest``), which the outer planner keeps for stages short of memory.
     Raises ``NoFeasiblePlanError`` when nothing fits.
     """
     cost_graph = build_cost_graph(
@@ -78,11 +78,10 @@ def solve_cost_graph(
     if session is None:
         session = IlpSession(cost_graph.problem, time_limit_s=time_limit_s, solver=solver)
     budget = memory_budget_bytes
-    if lean:
-        least = minimum_memory(cost_graph.problem) * 1.01
-        budget = least if budget is None else min(budget, least)
+    if lean and budget is not None and budget < minimum_memory(cost_graph.problem):
+        lean = False  # nothing fits: let the budgeted solve say so
     try:
-        result = session.solve(budget)
+        result = session.solve_smallest() if lean else session.solve(budget)
     except InfeasibleError as exc:
         raise NoFeasiblePlanError(
             f"{exc} on a {mesh.shape[0]}x{mesh.shape[1]} mesh of {cluster.device.name}; "

@@ -12,7 +12,8 @@ import torch
 from hierarchical_ap.cluster import Cluster
 from hierarchical_ap.cost_model import CostModel
 from hierarchical_ap.errors import PlannerOptionError
-from hierarchical_ap.graph import OpGraph, capture
+from hierarchical_ap.graph import OpGraph
+from hierarchical_ap.stamping import capture_repeated
 from intra_op.cost_graph import TrainingMemory
 from stage_partitioner.planner import PlannerOptions, PlanningContext
 
@@ -33,11 +34,12 @@ def training_memory_for(precision: str) -> TrainingMemory:
 
 
 def capture_spec(spec: str, *, seq: int | None, precision: str) -> OpGraph:
-    """Capture the model named by ``spec`` in ``precision`` with a dynamic batch."""
+    """Capture the model named by ``spec`` in ``precision`` with a dynamic batch; a deep list of
+    identical blocks is traced as three and stamped (``hierarchical_ap.stamping``)."""
     from hierarchical_ap.models import from_spec
 
     bundle = from_spec(spec, batch=2, seq=seq, device="meta", dtype=PRECISION_DTYPES[precision])
-    return capture(
+    return capture_repeated(
         bundle.model,
         bundle.example_inputs,
         loss_fn=bundle.loss_fn,
