@@ -5,6 +5,12 @@ given (a ``ParallelPlan`` or a path to plan JSON, checked against the captured m
 cluster) or searches one with ``stage_partitioner``, and starts the Ray runtime on it.
 ``manual_plan`` builds the plan of a Megatron-style configuration ``(tp, pp, dp, micro-batch,
 schedule, v)`` priced by the planner's own costs, for runs that fix the parallelism by hand.
+
+``precision`` (``"fp32"``, the default, or ``"bf16"``; see ``runtime.precision``) is the
+training precision: planning captures the model converted to it (so memory accounting and the
+plan's fingerprint are those of the program the workers run) with the planner's training
+memory of that precision (fp32 masters and Adam state under bf16), and ``compile_parallel``
+refuses a plan made for another precision.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from hierarchical_ap.errors import PlanError
 from hierarchical_ap.graph import OpGraph, capture
 from hierarchical_ap.plan import ParallelPlan
 from runtime.executable import ParallelExecutable
+from runtime.precision import cast_floating, compute_dtype, policy_for
 from runtime.worker import OptimizerFn, is_on_meta, meta_copy, model_leaves, to_meta
 
 __all__ = ["ParallelExecutable", "compile_parallel", "manual_plan", "search_plan"]
@@ -35,13 +42,17 @@ def capture_for_planning(
     *,
     targets: Any = None,
     loss_fn: Callable[..., torch.Tensor] | None = None,
+    precision: str = "fp32",
 ) -> OpGraph:
-    """The model (a meta-device copy when it has weights) captured with a dynamic batch."""
-    if not is_on_meta(model):
-        model = meta_copy(model)
+    """The model (a meta-device copy when it has weights) captured with a dynamic batch, in
+    ``precision``'s compute dtype (floating parameters, buffers and inputs converted, as the
+    workers capture it)."""
+    dtype = compute_dtype(precision)
+    if not is_on_meta(model) or dtype is not None:
+        model = meta_copy(model, dtype)
     return capture(
         model,
-        to_meta(example_inputs),
+        cast_floating(to_meta(example_inputs), dtype),
         loss_fn=loss_fn,
         targets=to_meta(targets),
         dynamic_batch=True,
@@ -66,20 +77,25 @@ def search_plan(
     targets: Any = None,
     loss_fn: Callable[..., torch.Tensor] | None = None,
     graph: OpGraph | None = None,
+    precision: str = "fp32",
 ) -> ParallelPlan:
-    """The planner's best plan for training ``model`` on ``cluster`` (fp32, Adam memory);
-    ``graph`` is the model's ``capture_for_planning`` when the caller has it already."""
+    """The planner's best plan for training ``model`` on ``cluster`` in ``precision`` (Adam
+    memory; fp32 masters under bf16); ``graph`` is the model's ``capture_for_planning`` in
+    that precision when the caller has it already."""
     from stage_partitioner.model_planning import training_memory_for
     from stage_partitioner.planner import PlannerOptions, plan_parallel
 
     if graph is None:
-        graph = capture_for_planning(model, example_inputs, targets=targets, loss_fn=loss_fn)
+        graph = capture_for_planning(
+            model, example_inputs, targets=targets, loss_fn=loss_fn, precision=precision
+        )
     plan, _ = plan_parallel(
         graph,
         cluster,
         PlannerOptions(global_batch=global_batch_of(example_inputs)),
-        training_memory=training_memory_for("fp32"),
+        training_memory=training_memory_for(precision),
         model_name=type(model).__name__,
+        precision=precision,
     )
     return plan
 
@@ -97,17 +113,21 @@ def manual_plan(
     virtual_stages: int = 1,
     targets: Any = None,
     loss_fn: Callable[..., torch.Tensor] | None = None,
+    precision: str = "fp32",
 ) -> ParallelPlan:
     """The plan of a Megatron-style configuration: ``pp·v`` equal chunks of the model's blocks,
     each rank a ``(dp, tp)`` mesh, ``dp·micro_batch_size`` sequences per micro-batch, and per
-    stage the intra-op ILP's parameter placements on that mesh."""
+    stage the intra-op ILP's parameter placements on that mesh, priced for training in
+    ``precision``."""
     from stage_partitioner.manual import ManualConfig, simulate_manual
     from stage_partitioner.model_planning import planning_context
     from stage_partitioner.planner import PlannerOptions, to_parallel_plan
 
-    graph = capture_for_planning(model, example_inputs, targets=targets, loss_fn=loss_fn)
+    graph = capture_for_planning(
+        model, example_inputs, targets=targets, loss_fn=loss_fn, precision=precision
+    )
     options = PlannerOptions(global_batch=global_batch_of(example_inputs), workers=1)
-    context = planning_context(graph, cluster, options, "fp32")
+    context = planning_context(graph, cluster, options, precision)
     config = ManualConfig(
         tp=tp,
         pp=pp,
@@ -127,7 +147,7 @@ def manual_plan(
         cluster,
         context.solver,
         model_name=type(model).__name__,
-        precision="fp32",
+        precision=precision,
         notes=(config.describe(),),
     )
 
@@ -141,6 +161,7 @@ def compile_parallel(
     loss_fn: Callable[..., torch.Tensor] | None = None,
     optimizer_fn: OptimizerFn,
     plan: PlanSource = None,
+    precision: str = "fp32",
     init_seed: int = 0,
     timeout_s: float = 60.0,
 ) -> ParallelExecutable:
@@ -151,16 +172,35 @@ def compile_parallel(
     model returns a scalar loss), ``optimizer_fn(params)`` builds the optimizer on each
     worker's parameter shards. A meta-device model is initialised on the workers by its own
     ``reset_parameters`` / ``init_weights`` under ``torch.manual_seed(init_seed)``.
-    ``timeout_s`` bounds collectives and the start-up. Raises ``PlanError`` when the plan does
-    not match the model or cluster.
+    ``timeout_s`` bounds collectives and the start-up. ``precision`` is ``"fp32"`` or
+    ``"bf16"`` (bf16 compute and activations, fp32 master weights, optimizer state and gradient
+    reduction; see ``runtime.precision``). Raises ``UnsupportedPrecisionError`` for
+    ``"fp16"`` (it needs loss scaling) and ``PlanError`` when the plan does not match the
+    model, the cluster or the precision.
     """
-    graph = capture_for_planning(model, example_inputs, targets=targets, loss_fn=loss_fn)
+    policy_for(precision)
+    if plan is not None and not isinstance(plan, ParallelPlan):
+        plan = ParallelPlan.load(Path(plan))
+    if plan is not None and plan.precision != precision:
+        raise PlanError(
+            f"the plan is for {plan.precision} training but compile_parallel was asked for "
+            f"precision={precision!r}; pass precision={plan.precision!r} or re-plan for "
+            f"{precision} (manual_plan / search_plan with precision={precision!r}, or "
+            f"`hap plan --precision {precision}`)"
+        )
+    graph = capture_for_planning(
+        model, example_inputs, targets=targets, loss_fn=loss_fn, precision=precision
+    )
     if plan is None:
         plan = search_plan(
-            model, cluster, example_inputs, targets=targets, loss_fn=loss_fn, graph=graph
+            model,
+            cluster,
+            example_inputs,
+            targets=targets,
+            loss_fn=loss_fn,
+            graph=graph,
+            precision=precision,
         )
-    elif not isinstance(plan, ParallelPlan):
-        plan = ParallelPlan.load(Path(plan))
     plan.check_matches(graph, cluster)
     batch = global_batch_of(example_inputs)
     if batch != plan.global_batch:

@@ -51,6 +51,14 @@ On a one-device mesh every DTensor holds its whole value whatever its placements
 (``intra_op.plain_part``): the same aten ops on the same values, without DTensor's dispatch
 or the node-by-node interpreter. ``open_step`` / ``close_step`` bracket the micro-batches of
 one optimizer step, so the parameters are wrapped once per step rather than per call.
+
+Master weights (mixed precision). ``apply(..., master_dtype=torch.float32)`` on a graph captured
+in a lower precision (bfloat16) stores the floating parameters in ``master_dtype``: they are
+what ``parameters_by_fqn``, ``load_full_state_dict`` and an optimizer see. The graph reads each
+one cast to its captured dtype, by a differentiable cast made once per step (``open_step``; per
+call without an open step); the cast's backward turns every gradient back into
+``master_dtype`` before it is reduced to the parameter's placement and accumulated in its
+``grad``.
 """
 
 from __future__ import annotations
@@ -120,6 +128,7 @@ def apply(
     *,
     nodes: Collection[str] | None = None,
     plain: bool | None = None,
+    master_dtype: torch.dtype | None = None,
 ) -> ShardedProgram:
     """The program that runs ``graph`` sharded as ``solution`` says on ``device_mesh``.
 
@@ -130,11 +139,14 @@ def apply(
     initialisation. ``nodes`` restricts the program to those nodes (a pipeline stage; see the
     module docstring). ``plain`` chooses how ``run_part`` executes: ``None`` (the default)
     runs plain tensors exactly when the mesh has one device, ``False`` runs DTensors on any
-    mesh (to compare the two paths). Raises ``InvalidSolutionError`` when the solution misses
-    or misfits a value.
+    mesh (to compare the two paths). ``master_dtype`` stores the floating parameters in that
+    dtype (master weights; see the module docstring). Raises ``InvalidSolutionError`` when the
+    solution misses or misfits a value.
     """
     validate_solution(graph, solution, tuple(device_mesh.shape), nodes=nodes)
-    return ShardedProgram(graph, solution, device_mesh, state, nodes=nodes, plain=plain)
+    return ShardedProgram(
+        graph, solution, device_mesh, state, nodes=nodes, plain=plain, master_dtype=master_dtype
+    )
 
 
 def full_value(value: Any) -> Any:
@@ -457,6 +469,7 @@ class ShardedProgram(nn.Module):
         *,
         nodes: Collection[str] | None = None,
         plain: bool | None = None,
+        master_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if plain and device_mesh.size() != 1:
@@ -469,6 +482,8 @@ class ShardedProgram(nn.Module):
         """The nodes this program runs (``None``: the whole graph)."""
         self._read = _read_placeholders(graph, nodes)
         self._params_by_fqn: dict[str, nn.Parameter] = {}
+        self._master_dtype = master_dtype
+        """The dtype floating parameters are stored in (``None``: their captured dtype)."""
         self._solution = solution
         self._mesh = device_mesh
         self._device = torch.device(device_mesh.device_type)
@@ -496,6 +511,8 @@ class ShardedProgram(nn.Module):
         self._plain_parts: dict[tuple[tuple[str, ...], tuple[str, ...]], _PlainPart] = {}
         self._step_params: dict[str, torch.Tensor] | None = None
         """FQN → the parameter as the open step's micro-batches read it (see ``open_step``)."""
+        self._step_leaves: dict[str, torch.Tensor] = {}
+        """Plain path: FQN → the leaf the open step's gradients accumulate in."""
         if state is not None:
             self.load_full_state_dict(state)
 
@@ -550,25 +567,31 @@ class ShardedProgram(nn.Module):
         Plain path: each parameter's local tensor becomes a plain leaf (same storage) that
         accumulates the micro-batches' gradients; ``close_step`` hands the sum to the
         parameter as a DTensor gradient, so each parameter gets ``sum_i grad_i`` as autograd
-        through DTensor would give it."""
+        through DTensor would give it. Master weights are cast to the captured dtype here, once
+        for the step's micro-batches."""
         if self._plain:
-            self._step_params = {
+            self._step_leaves = {
                 fqn: param.to_local().detach().requires_grad_(param.requires_grad)
                 for fqn, param in self._params_by_fqn.items()
             }
+            self._step_params = {
+                fqn: self._as_captured(fqn, leaf) for fqn, leaf in self._step_leaves.items()
+            }
         else:
             self._step_params = {
-                fqn: self._pin_gradient(param) for fqn, param in self._params_by_fqn.items()
+                fqn: self._as_captured(fqn, self._pin_gradient(param))
+                for fqn, param in self._params_by_fqn.items()
             }
 
     def close_step(self) -> None:
         """End the step ``open_step`` opened; on the plain path, add each leaf's accumulated
         gradient to its parameter's ``grad`` (a DTensor in the parameter's placement)."""
         step, self._step_params = self._step_params, None
+        leaves, self._step_leaves = self._step_leaves, {}
         if not self._plain or step is None:
             return
         with torch.no_grad():
-            for fqn, leaf in step.items():
+            for fqn, leaf in leaves.items():
                 if leaf.grad is None:
                     continue
                 param = self._params_by_fqn[fqn]
@@ -710,7 +733,7 @@ class ShardedProgram(nn.Module):
         if kind == "parameter":
             if self._step_params is not None:
                 return self._step_params[key]
-            return self._params_by_fqn[key].to_local()
+            return self._as_captured(key, self._params_by_fqn[key].to_local())
         if kind == "buffer":
             return self.get_buffer(key).to_local()
         return self._constants[key].to_local()
@@ -746,7 +769,9 @@ class ShardedProgram(nn.Module):
                 if fqn not in params:
                     params[fqn] = nn.Parameter(
                         self._allocate(
-                            graph.param_shapes[fqn], self._solution.param_placements[fqn]
+                            graph.param_shapes[fqn],
+                            self._solution.param_placements[fqn],
+                            self._master_dtype,
                         )
                     )
                 alias = spec.target.removeprefix(_MODEL_PREFIX)
@@ -778,10 +803,20 @@ class ShardedProgram(nn.Module):
                     "support; capture a model without custom objects or effect tokens"
                 )
 
-    def _allocate(self, meta: TensorMeta, placements: Placements) -> DTensor:
-        return dtensor_empty(
-            meta.shape, dtype=meta.dtype, device_mesh=self._mesh, placements=placements
-        )
+    def _allocate(
+        self, meta: TensorMeta, placements: Placements, master_dtype: torch.dtype | None = None
+    ) -> DTensor:
+        """An uninitialised DTensor of ``meta``'s shape, in ``master_dtype`` if given and the
+        value is floating, else in ``meta``'s dtype."""
+        floating = master_dtype is not None and meta.dtype.is_floating_point
+        dtype = master_dtype if floating else meta.dtype
+        return dtensor_empty(meta.shape, dtype=dtype, device_mesh=self._mesh, placements=placements)
+
+    def _as_captured(self, fqn: str, value: torch.Tensor) -> torch.Tensor:
+        """Parameter ``fqn`` (a DTensor or its local tensor) in the dtype the graph was captured
+        with: a differentiable cast where it is stored in another (master weights)."""
+        dtype = self._graph.param_shapes[fqn].dtype
+        return value if value.dtype == dtype else value.to(dtype)
 
     def _constant(self, graph: OpGraph, target: str) -> torch.Tensor:
         value = graph.exported.constants[target]
@@ -802,7 +837,7 @@ class ShardedProgram(nn.Module):
         if kind == "parameter":
             if self._step_params is not None:
                 return self._step_params[key]
-            return self._pin_gradient(self._params_by_fqn[key])
+            return self._as_captured(key, self._pin_gradient(self._params_by_fqn[key]))
         if kind == "buffer":
             return self.get_buffer(key)
         if kind == "constant":

@@ -11,4 +11,6 @@ communication and checkpoints. Imports the foundations and `intra_op.apply`, nev
 | `actors.py` | Ray actors per device in per-host placement groups, rendezvous |
 | `executable.py` | `ParallelExecutable`, the driver's handle: train_step, state_dict, failures |
 | `checkpoint.py` | DCP checkpoints: keys, metadata, staging and rename, optimizer-state templates |
+| `precision.py` | training precision policies: bf16 compute, fp32 masters and reductions; fp16 refused |
+| `optimizer.py` | the user's optimizer over a worker's shards (plain-tensor aliases on one device) |
 """

@@ -229,17 +229,16 @@ def optimizer_key(fqn: str, name: str) -> str:
     return f"{OPTIMIZER_PREFIX}{fqn}/{name}"
 
 
-def optimizer_entries(
-    optimizer: torch.optim.Optimizer, params: Mapping[str, torch.nn.Parameter]
-) -> dict[str, Any]:
-    """The optimizer state of ``params`` (FQN → parameter) as flat DCP entries (tensors stay
-    DTensors in their placements; ``None`` values are left out)."""
-    entries = {}
-    for fqn, param in params.items():
-        for name, value in optimizer.state.get(param, {}).items():
-            if value is not None:
-                entries[optimizer_key(fqn, name)] = value
-    return entries
+def optimizer_entries(states: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The optimizer state of parameters (FQN → {state name → value}, tensors DTensors in
+    their parameter's placement, as ``ShardOptimizer.state_of`` gives them) as flat DCP
+    entries; ``None`` values are left out."""
+    return {
+        optimizer_key(fqn, name): value
+        for fqn, state in states.items()
+        for name, value in state.items()
+        if value is not None
+    }
 
 
 def saved_entries(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -12,6 +12,11 @@ unusable; ``shutdown`` (also on ``with`` exit) kills every actor in any case.
 ``save_checkpoint(path)`` / ``load_checkpoint(path)`` write and restore the sharded parameters
 and optimizer state with ``torch.distributed.checkpoint`` (``runtime.checkpoint``); a checkpoint
 loads into an executable of any plan for the same model, and ``steps`` counts on from it.
+Checkpoints identify the model by its parameters as stored (``runtime.precision``'s
+``master_fingerprint``: fp32 masters under bf16), so they load across precisions too.
+
+The plan's ``precision`` is the training precision (``runtime.precision``); ``start`` refuses
+one the runtime cannot train in (fp16) before any actor starts.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from hierarchical_ap.errors import WorkerFailedError
 from hierarchical_ap.plan import ParallelPlan
 from runtime import checkpoint
 from runtime.actors import ensure_ray, start_actors, stop_actors
+from runtime.precision import policy_for
 from runtime.worker import OptimizerFn, TrainingProgram, model_leaves
 
 logger = logging.getLogger(__name__)
@@ -65,6 +71,8 @@ class ParallelExecutable:
         self._timeout_s = timeout_s
         self._broken: str | None = None
         self._tensors: checkpoint.TensorListing = {}
+        self._master_fingerprint = plan.model_fingerprint
+        """The fingerprint checkpoints carry (the workers' ``master_fingerprint``)."""
         self.steps = 0
         """Optimizer steps taken (counted on from a loaded checkpoint's)."""
 
@@ -82,7 +90,9 @@ class ParallelExecutable:
         init_seed: int = 0,
         timeout_s: float = 60.0,
     ) -> ParallelExecutable:
-        """Start the actors and build every stage (see ``runtime.worker``)."""
+        """Start the actors and build every stage (see ``runtime.worker``); raises
+        ``UnsupportedPrecisionError`` for a plan in a precision the runtime cannot train in."""
+        policy_for(plan.precision)
         _check_batch(
             model_leaves(example_inputs), pytree.tree_leaves(targets), plan.num_microbatches
         )
@@ -111,6 +121,7 @@ class ParallelExecutable:
             )
             roles = executable._wait([a.build.remote(program_ref) for a in actors], 10 * timeout_s)
             executable._roles = roles
+            executable._master_fingerprint = roles[0]["master_fingerprint"]
             executable._tensors = checkpoint.tensor_listing(model.state_dict())
         except BaseException:
             cleanup()
@@ -165,7 +176,7 @@ class ParallelExecutable:
             metadata = checkpoint.CheckpointMetadata(
                 steps=self.steps,
                 model=self.plan.model,
-                model_fingerprint=self.plan.model_fingerprint,
+                model_fingerprint=self._master_fingerprint,
                 plan_fingerprint=checkpoint.plan_fingerprint(self.plan),
                 tensors=self._tensors,
                 optimizer=self._optimizer_class(),
@@ -185,7 +196,7 @@ class ParallelExecutable:
         saved = checkpoint.read_metadata(directory)
         checkpoint.check_compatible(
             saved,
-            model_fingerprint=self.plan.model_fingerprint,
+            model_fingerprint=self._master_fingerprint,
             tensors=self._tensors,
             optimizer=self._optimizer_class(),
             where=directory,

@@ -30,6 +30,11 @@ are wrapped once per optimizer step (``ShardedProgram.open_step``): every schedu
 stage's forwards in micro-batch order, so the forward of micro-batch 0 opens the step, and the
 ``m``-th backward closes it (which, on the plain path, hands the accumulated gradients to the
 DTensor parameters before the worker synchronises and steps).
+
+Mixed precision (``runtime.precision``): the graph is captured in the compute dtype (bf16), so
+received, computed and sent values are bf16 and the boundary metadata (``received_metas``,
+``sent_metas``) says so; with ``master_dtype`` the parameters are stored in that dtype (fp32
+master weights) and cast once per step by ``open_step``, their gradients arriving in fp32.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ class StageProgram:
         state: Mapping[str, torch.Tensor] | nn.Module,
         *,
         num_microbatches: int,
+        master_dtype: torch.dtype | None = None,
     ) -> None:
         self.slice = stage_slice
         self.mesh = mesh
@@ -117,7 +123,9 @@ class StageProgram:
             for name, meta in metas.items()
         }
         solution = propagate_solution(graph, mesh, params, inputs, zeros, nodes=stage_slice.nodes)
-        self.program: ShardedProgram = apply(graph, solution, mesh, state, nodes=stage_slice.nodes)
+        self.program: ShardedProgram = apply(
+            graph, solution, mesh, state, nodes=stage_slice.nodes, master_dtype=master_dtype
+        )
         self.received_metas = [(metas[n].shape, metas[n].dtype) for n in stage_slice.received]
         self.received_needs_grad = [_needs_grad(graph, n) for n in stage_slice.received]
         sent_metas = [graph.value_meta(n) for n in stage_slice.sent]

@@ -10,8 +10,11 @@ it on bare gloo processes). Its life:
    order, as ``torch.distributed`` requires), the ``StageProgram`` of each stage this worker
    holds (initialised from the model's weights, or, for a meta-device model, from weights the
    model's own initialisation draws on the worker under a fixed seed), one group per
-   parameter that several stages read (a tied embedding), the optimizer over its shards, and
-   its static instruction list;
+   parameter that several stages read (a tied embedding), the optimizer over its shards
+   (``runtime.optimizer``: plain-tensor aliases on a one-device mesh), and its static
+   instruction list. The plan's precision (``runtime.precision``) decides the dtype the model
+   is captured and run in and the dtype the parameters are stored in (fp32 masters under
+   bf16);
 3. ``train_step``: run the list over the global batch's micro-batches, then synchronise the
    gradients of parameters shared between stages (sum of the stages' full gradients, stored
    back in each copy's placement), then step the optimizer on every shard. Data-parallel
@@ -55,12 +58,12 @@ from runtime.instructions import (
     Instruction,
     build_instructions,
 )
+from runtime.optimizer import OptimizerFn, ShardOptimizer
+from runtime.precision import PrecisionPolicy, master_fingerprint, policy_for
 from runtime.stage_graph import slice_stages
 from runtime.stage_program import StageProgram, batch_placements, full_parameters
 
 logger = logging.getLogger(__name__)
-
-OptimizerFn = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
 @dataclass(frozen=True)
@@ -92,12 +95,14 @@ def to_meta(value: Any) -> Any:
     return pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), value)
 
 
-def meta_copy(model: nn.Module) -> nn.Module:
+def meta_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """A copy of ``model`` on the meta device that keeps tied parameters tied (``Module.to``
-    would give each use of a tied parameter its own copy)."""
+    would give each use of a tied parameter its own copy), its floating parameters and
+    buffers in ``dtype`` when given (``model.to(dtype)`` on the copy)."""
     memo: dict[int, Any] = {}
     for tensor in [*model.parameters(), *model.buffers()]:
-        meta = torch.empty_like(tensor, device="meta")
+        cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        meta = torch.empty_like(tensor, device="meta", dtype=cast)
         if isinstance(tensor, nn.Parameter):
             meta = nn.Parameter(meta, requires_grad=tensor.requires_grad)
         memo[id(tensor)] = meta
@@ -142,6 +147,7 @@ class PipelineWorker:
         (``"inputs"``, ``"targets"``) it reads."""
         plan = program.plan
         self.plan = plan
+        self.policy: PrecisionPolicy = policy_for(plan.precision)
         self.graph = self._capture(program)
         self.slices = slice_stages(self.graph, plan)
         layout = pipeline_layout(plan)
@@ -168,12 +174,15 @@ class PipelineWorker:
                     self.mesh,
                     state,
                     num_microbatches=plan.num_microbatches,
+                    master_dtype=self.policy.master_dtype,
                 )
         del state
         self.shared = self._shared_parameter_groups(layout)
         self.channels = self._boundary_groups(layout)
         self._plans: dict[tuple[int, int, int], boundary.TransferPlan] = {}
-        self.optimizer = program.optimizer_fn(self._unique_parameters())
+        self.optimizer = ShardOptimizer(
+            program.optimizer_fn, self._unique_parameters(), plain=self.mesh.size() == 1
+        )
         tasks = build_schedule(plan.schedule, p, plan.num_microbatches, plan.virtual_stages)
         self.instructions: list[Instruction] = build_instructions(tasks, layout)[self.rank]
         reads = {name for s in self.programs for name in self.slices[s].user_inputs}
@@ -182,15 +191,18 @@ class PipelineWorker:
             "inputs": bool(reads & set(self.graph.model_inputs)),
             "targets": bool(reads & set(self.graph.target_inputs)),
             "reports_loss": self._reports_loss(),
+            "master_fingerprint": master_fingerprint(self.graph, self.policy),
         }
 
     def _capture(self, program: TrainingProgram) -> OpGraph:
+        """The model's training program at the micro-batch size, in the compute dtype."""
         model = program.model
-        if not is_on_meta(model):
-            model = meta_copy(model)
+        dtype = self.policy.compute_dtype
+        if not is_on_meta(model) or dtype is not None:
+            model = meta_copy(model, dtype)
         return capture(
             model,
-            to_meta(program.microbatch_inputs),
+            self.policy.compute_inputs(to_meta(program.microbatch_inputs)),
             loss_fn=program.loss_fn,
             targets=to_meta(program.microbatch_targets),
         )
@@ -266,7 +278,7 @@ class PipelineWorker:
         that reports them, else None."""
         plan = self.plan
         user = self._microbatch_inputs(inputs, targets, plan.num_microbatches)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         losses: dict[int, float] = {}
         inbox: dict[tuple[str, int, int], list[torch.Tensor]] = {}
         outbox: dict[tuple[str, int, int], list[torch.Tensor]] = {}
@@ -318,7 +330,8 @@ class PipelineWorker:
     ) -> list[dict[str, torch.Tensor]]:
         values: dict[str, torch.Tensor] = {}
         if inputs is not None:
-            values.update(zip(self.graph.model_inputs, model_leaves(inputs), strict=True))
+            leaves = self.policy.compute_inputs(model_leaves(inputs))
+            values.update(zip(self.graph.model_inputs, leaves, strict=True))
         if targets is not None:
             values.update(zip(self.graph.target_inputs, pytree.tree_leaves(targets), strict=True))
         return [
@@ -425,17 +438,41 @@ class PipelineWorker:
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """Full parameters and buffers of this worker's stages, from the mesh origin (other
-        workers of the stage join the gathers and return nothing)."""
+        workers of the stage join the gathers and return nothing). Parameters are in the dtype
+        they are stored in (the fp32 masters under bf16), floating buffers in that dtype too
+        (under bf16 they hold bf16 values, as ``model.to(torch.bfloat16)`` would)."""
         state: dict[str, torch.Tensor] = {}
+        master = self.policy.master_dtype
         for program in self.programs.values():
             state.update(full_parameters(program))
             for name, buffer in program.program.named_buffers():
                 value = buffer.full_tensor() if isinstance(buffer, DTensor) else buffer
+                if master is not None and value.is_floating_point():
+                    value = value.to(master)
                 state[name] = value.detach().clone()
         return {k: v.cpu() for k, v in state.items()} if self._is_mesh_origin() else {}
 
     def optimizer_class(self) -> str:
-        return type(self.optimizer).__name__
+        return self.optimizer.class_name
+
+    def stage_dtypes(self) -> dict[int, dict[str, list[str]]]:
+        """Stage → the dtypes of the values it receives and sends (what the transfer buffers
+        are allocated in), of its parameters (as stored) and of the gradients they hold."""
+        return {
+            s: {
+                "received": [str(dtype) for _, dtype in program.received_metas],
+                "sent": [str(dtype) for _, dtype in program.sent_metas],
+                "parameters": sorted({str(p.dtype) for p in program.parameters_by_fqn().values()}),
+                "gradients": sorted(
+                    {
+                        str(p.grad.dtype)
+                        for p in program.parameters_by_fqn().values()
+                        if p.grad is not None
+                    }
+                ),
+            }
+            for s, program in sorted(self.programs.items())
+        }
 
     def save_checkpoint(self, directory: str) -> None:
         """Save the shards of the tensors this worker owns, and their optimizer state, into
@@ -451,7 +488,7 @@ class PipelineWorker:
         state = dict(owned)
         state.update(
             checkpoint.optimizer_entries(
-                self.optimizer, {fqn: p for fqn, p in params.items() if fqn in owned}
+                {fqn: self.optimizer.state_of(p) for fqn, p in params.items() if fqn in owned}
             )
         )
         checkpoint.save_shards(state, Path(directory))
@@ -472,10 +509,11 @@ class PipelineWorker:
         for fqn, entries in templates.items():
             loaded = {name: state[checkpoint.optimizer_key(fqn, name)] for name in entries}
             for copy_ in self._parameter_copies(fqn):
-                self.optimizer.state[copy_] = (
+                self.optimizer.load_state(
+                    copy_,
                     loaded
                     if copy_ is params[fqn]
-                    else {n: checkpoint.clone_like(v, copy_) for n, v in loaded.items()}
+                    else {n: checkpoint.clone_like(v, copy_) for n, v in loaded.items()},
                 )
 
     def _held_state(self) -> tuple[dict[str, list[torch.Tensor]], dict[str, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -67,6 +68,13 @@ def sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=LEARNING_RATE)
 
 
+def sgd_momentum(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD with momentum: optimizer state (one buffer per parameter) whose steps stay
+    proportional to the gradients, so rounding noise stays rounding noise (Adam's first steps
+    are ``lr · sign(grad)`` and turn noise in near-zero gradients into full-size steps)."""
+    return torch.optim.SGD(params, lr=LEARNING_RATE, momentum=0.9)
+
+
 def adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW with ``eps`` well above rounding noise: attention's key bias has a gradient that is
     zero in exact arithmetic, and Adam would scale its ~1e-10 rounding noise (which differs
@@ -124,9 +132,18 @@ def build_case(name: str, steps: int, *, meta: bool = False) -> Case:
 
 
 def reference_run(
-    case: Case, optimizer_fn: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+    case: Case,
+    optimizer_fn: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+    *,
+    precision: str = "fp32",
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Losses of each step and the final state dict, trained in this process."""
+    """Losses of each step and the final state dict, trained in this process.
+
+    ``precision="bf16"`` is mixed precision done by hand, the way torch's own recipes do it
+    (independent of the runtime's code): the model is the fp32 master the optimizer steps;
+    each step runs forward and backward on a bf16 copy of it (``copy.deepcopy(model).to(
+    torch.bfloat16)``, floating inputs cast to bf16, ``loss_fn`` as given), then each master
+    parameter's gradient is the copy's gradient converted to fp32."""
     model = case.model
     if any(p.is_meta for p in model.parameters()):
         torch.manual_seed(0)
@@ -135,8 +152,18 @@ def reference_run(
     losses = []
     for inputs, targets in case.batches:
         optimizer.zero_grad()
-        loss = case.loss_fn(model(*inputs), targets)
-        loss.backward()
+        if precision == "fp32":
+            loss = case.loss_fn(model(*inputs), targets)
+            loss.backward()
+        elif precision == "bf16":
+            low = copy.deepcopy(model).to(torch.bfloat16)
+            low_inputs = [x.bfloat16() if x.is_floating_point() else x for x in inputs]
+            loss = case.loss_fn(low(*low_inputs), targets)
+            loss.backward()
+            for master, copied in zip(model.parameters(), low.parameters(), strict=True):
+                master.grad = None if copied.grad is None else copied.grad.float()
+        else:
+            raise ValueError(f"no reference for precision {precision!r}")
         optimizer.step()
         losses.append(loss.item())
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -152,8 +179,10 @@ def plan_for(
     schedule: str = "1f1b",
     virtual_stages: int = 1,
     micro_batch_size: int = 1,
+    precision: str = "fp32",
 ) -> ParallelPlan:
-    """The manual (Megatron-style) plan of model ``name`` on ``workers`` local CPU workers."""
+    """The manual (Megatron-style) plan of model ``name`` on ``workers`` local CPU workers,
+    for training in ``precision``."""
     case = build_case(name, 1, meta=True)
     inputs, targets = case.batches[0]
     return manual_plan(
@@ -168,6 +197,7 @@ def plan_for(
         micro_batch_size=micro_batch_size,
         schedule=schedule,
         virtual_stages=virtual_stages,
+        precision=precision,
     )
 
 
