@@ -170,8 +170,17 @@ def compile_parallel(
     ``example_inputs`` is one global batch (tuple or dict of tensors, dim 0 the batch),
     ``targets`` what ``loss_fn(model(*inputs), targets)`` takes (omit ``loss_fn`` when the
     model returns a scalar loss), ``optimizer_fn(params)`` builds the optimizer on each
-    worker's parameter shards. A meta-device model is initialised on the workers by its own
-    ``reset_parameters`` / ``init_weights`` under ``torch.manual_seed(init_seed)``.
+    worker's parameter shards.
+
+    Initial weights. A model with real weights is sharded from those weights. A model on the
+    meta device is initialised on the workers, shard by shard: each worker allocates only the
+    shards of its stages' parameters and buffers and runs the model's own initialisation
+    (``reset_parameters`` / ``init_weights``) for them, with every random draw keyed by
+    ``(init_seed, FQN, index)`` instead of the global RNG (the contract, and what is
+    materialised when an initialisation cannot be replayed on a shard, are in
+    ``hierarchical_ap.models.materialize``). The weights are exactly those of
+    ``hierarchical_ap.models.init_module_weights(model, init_seed)``, the whole model in one
+    process: start a single-process reference from it to reproduce a parallel run.
     ``timeout_s`` bounds collectives and the start-up. ``precision`` is ``"fp32"`` or
     ``"bf16"`` (bf16 compute and activations, fp32 master weights, optimizer state and gradient
     reduction; see ``runtime.precision``). Raises ``UnsupportedPrecisionError`` for

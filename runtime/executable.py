@@ -90,8 +90,11 @@ class ParallelExecutable:
         init_seed: int = 0,
         timeout_s: float = 60.0,
     ) -> ParallelExecutable:
-        """Start the actors and build every stage (see ``runtime.worker``); raises
-        ``UnsupportedPrecisionError`` for a plan in a precision the runtime cannot train in."""
+        """Start the actors and build every stage (see ``runtime.worker``): a model with real
+        weights is sharded from them; a meta-device model is initialised on the workers, each
+        its own shards, with the weights of ``init_module_weights(model, init_seed)``
+        (``hierarchical_ap.models.materialize``). Raises ``UnsupportedPrecisionError`` for a
+        plan in a precision the runtime cannot train in."""
         policy_for(plan.precision)
         _check_batch(
             model_leaves(example_inputs), pytree.tree_leaves(targets), plan.num_microbatches

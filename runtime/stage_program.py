@@ -97,7 +97,7 @@ class StageProgram:
         stage_slice: StageSlice,
         stage: PlanStage,
         mesh: DeviceMesh,
-        state: Mapping[str, torch.Tensor] | nn.Module,
+        state: Mapping[str, torch.Tensor] | nn.Module | None,
         *,
         num_microbatches: int,
         master_dtype: torch.dtype | None = None,

@@ -8,9 +8,12 @@ it on bare gloo processes). Its life:
 2. ``build``: capture the model at the micro-batch size, slice it into the plan's stages, make
    one ``DeviceMesh`` per pipeline rank (every worker creates every mesh and group, in the same
    order, as ``torch.distributed`` requires), the ``StageProgram`` of each stage this worker
-   holds (initialised from the model's weights, or, for a meta-device model, from weights the
-   model's own initialisation draws on the worker under a fixed seed), one group per
-   parameter that several stages read (a tied embedding), the optimizer over its shards
+   holds (sharded from the model's weights, or, for a meta-device model, allocated as empty
+   shards and initialised in place, shard by shard, by ``init_held``: the model's own
+   initialisation with random draws keyed by ``(init_seed, FQN, index)``, so only this
+   worker's stages' parameters are materialised, and of a sharded one only its shard where
+   the initialisation is elementwise; ``initialisation_report`` says what it allocated), one
+   group per parameter that several stages read (a tied embedding), the optimizer over its shards
    (``runtime.optimizer``: plain-tensor aliases on a one-device mesh), and its static
    instruction list. The plan's precision (``runtime.precision``) decides the dtype the model
    is captured and run in and the dtype the parameters are stored in (fp32 masters under
@@ -27,7 +30,6 @@ it on bare gloo processes). Its life:
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -45,7 +47,7 @@ from torch.distributed.distributed_c10d import _set_pg_timeout
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from hierarchical_ap.graph import OpGraph, capture
-from hierarchical_ap.models.materialize import materialize
+from hierarchical_ap.models.materialize import InitReport, init_held, meta_copy
 from hierarchical_ap.plan import ParallelPlan
 from hierarchical_ap.schedules import BACKWARD, FORWARD, build_schedule
 from runtime import boundary, checkpoint
@@ -93,20 +95,6 @@ def model_leaves(inputs: Any) -> list[Any]:
 def to_meta(value: Any) -> Any:
     """``value`` with every tensor (at any depth) moved to the meta device."""
     return pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), value)
-
-
-def meta_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """A copy of ``model`` on the meta device that keeps tied parameters tied (``Module.to``
-    would give each use of a tied parameter its own copy), its floating parameters and
-    buffers in ``dtype`` when given (``model.to(dtype)`` on the copy)."""
-    memo: dict[int, Any] = {}
-    for tensor in [*model.parameters(), *model.buffers()]:
-        cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-        meta = torch.empty_like(tensor, device="meta", dtype=cast)
-        if isinstance(tensor, nn.Parameter):
-            meta = nn.Parameter(meta, requires_grad=tensor.requires_grad)
-        memo[id(tensor)] = meta
-    return copy.deepcopy(model, memo)
 
 
 def is_on_meta(model: nn.Module) -> bool:
@@ -177,6 +165,7 @@ class PipelineWorker:
                     master_dtype=self.policy.master_dtype,
                 )
         del state
+        self.init_report = self._initialise_shards(program)
         self.shared = self._shared_parameter_groups(layout)
         self.channels = self._boundary_groups(layout)
         self._plans: dict[tuple[int, int, int], boundary.TransferPlan] = {}
@@ -207,12 +196,34 @@ class PipelineWorker:
             targets=to_meta(program.microbatch_targets),
         )
 
-    def _initial_state(self, program: TrainingProgram) -> nn.Module:
+    def _initial_state(self, program: TrainingProgram) -> nn.Module | None:
+        """The full weights the stage programs are sharded from: the model's own, or ``None``
+        for a meta-device model (the programs allocate empty shards; ``_initialise_shards``)."""
+        return None if is_on_meta(program.model) else program.model
+
+    def _initialise_shards(self, program: TrainingProgram) -> InitReport | None:
+        """Initialise the empty shards of a meta-device model's parameters and buffers that
+        this worker's stages hold, in place (``hierarchical_ap.models.materialize``)."""
         if not is_on_meta(program.model):
-            return program.model
-        model = copy.deepcopy(program.model)
-        torch.manual_seed(program.init_seed)
-        return materialize(model, self.device)
+            return None
+        held: dict[str, list[torch.Tensor]] = {}
+        for s in sorted(self.programs):
+            module = self.programs[s].program
+            for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+                held.setdefault(name, []).append(tensor)
+        report = init_held(program.model, program.init_seed, held)
+        logger.info(
+            "worker %d initialised %d tensors shard by shard and %d whole (%d bytes held)",
+            self.rank,
+            len(report.replayed),
+            len(report.whole),
+            report.held_bytes,
+        )
+        return report
+
+    def initialisation_report(self) -> InitReport | None:
+        """What initialising a meta-device model materialised here (``None``: real weights)."""
+        return self.init_report
 
     def _shared_parameter_groups(
         self, layout: list[tuple[int, ...]]

@@ -17,7 +17,7 @@ from torch import nn
 
 from hierarchical_ap.api import manual_plan
 from hierarchical_ap.cluster import Cluster
-from hierarchical_ap.models import from_spec, materialize
+from hierarchical_ap.models import from_spec, init_module_weights, materialize
 from hierarchical_ap.plan import ParallelPlan
 
 TOLERANCE = 1e-5
@@ -84,8 +84,9 @@ def adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
 
 @dataclass
 class Case:
-    """A model (real weights, or meta to be initialised with ``materialize`` under seed 0),
-    batches for several steps, and its loss."""
+    """A model (real weights, or meta: ``compile_parallel`` initialises it on the workers with
+    ``init_seed=0``, ``reference_run`` with ``init_module_weights(model, 0)``), batches for
+    several steps, and its loss."""
 
     model: nn.Module
     batches: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]
@@ -143,11 +144,13 @@ def reference_run(
     (independent of the runtime's code): the model is the fp32 master the optimizer steps;
     each step runs forward and backward on a bf16 copy of it (``copy.deepcopy(model).to(
     torch.bfloat16)``, floating inputs cast to bf16, ``loss_fn`` as given), then each master
-    parameter's gradient is the copy's gradient converted to fp32."""
+    parameter's gradient is the copy's gradient converted to fp32.
+
+    A meta-device model starts from ``init_module_weights(model, seed=0)``, the public
+    contract of ``compile_parallel``'s meta initialisation (``init_seed=0``)."""
     model = case.model
-    if any(p.is_meta for p in model.parameters()):
-        torch.manual_seed(0)
-        materialize(model)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        init_module_weights(model, seed=0)
     optimizer = optimizer_fn(list(model.parameters()))
     losses = []
     for inputs, targets in case.batches:

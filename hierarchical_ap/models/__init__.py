@@ -9,7 +9,7 @@ from hierarchical_ap.models.bundle import ModelBundle, causal_lm_loss
 from hierarchical_ap.models.config import ModelConfig
 from hierarchical_ap.models.gpt import GPT
 from hierarchical_ap.models.llama import Llama
-from hierarchical_ap.models.materialize import materialize
+from hierarchical_ap.models.materialize import init_module_weights, materialize
 from hierarchical_ap.models.presets import list_presets
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "ModelConfig",
     "causal_lm_loss",
     "from_spec",
+    "init_module_weights",
     "list_presets",
     "materialize",
 ]
