@@ -50,3 +50,13 @@ class WorkerFailedError(HapError, RuntimeError):
 class CheckpointError(HapError, ValueError):
     """A checkpoint path that holds no checkpoint, or one saved from another model or
     optimizer, or a save target that is not a checkpoint directory."""
+
+
+class JobSubmissionError(HapError):
+    """A Ray job that cannot be submitted or followed: unreachable job server, missing or
+    rejected authentication token, bad working directory or entrypoint."""
+
+
+class InitialisationError(HapError, ValueError):
+    """A meta-device model whose initialisation cannot give every tensor a value, or tensors to
+    initialise that do not belong to the model."""
