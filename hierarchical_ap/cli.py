@@ -7,13 +7,24 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from hierarchical_ap.commands import advise as advise_command
 from hierarchical_ap.commands import cluster as cluster_command
 from hierarchical_ap.commands import plan as plan_command
 from hierarchical_ap.commands import profile as profile_command
+from hierarchical_ap.commands import show as show_command
 from hierarchical_ap.commands import simulate as simulate_command
+from hierarchical_ap.commands import submit as submit_command
 from hierarchical_ap.errors import HapError
 
-COMMANDS = (profile_command, plan_command, simulate_command, cluster_command)
+COMMANDS = (
+    profile_command,
+    plan_command,
+    simulate_command,
+    advise_command,
+    show_command,
+    cluster_command,
+    submit_command,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

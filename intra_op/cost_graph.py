@@ -39,6 +39,9 @@ parameter edge is the cheaper of that split,
 and the plain resharding ``g → w`` every micro-batch (a different order of the axes can be
 cheaper when ``B = 1``).
 
+With ``zero`` (an ``intra_op.zero.ZeroStage``) the parameters' storage choices, state memory
+and gradient synchronisation follow that ZeRO stage over mesh axis 0 instead.
+
 ``CostGraph.breakdown`` splits a chosen assignment's cost into what the outer planner needs:
 the forward share of the time (what full recomputation repeats), the gradient synchronisation
 per step, and memory as training state (parameters, gradients, optimizer) versus activations
@@ -63,6 +66,7 @@ from intra_op.placement import REPLICATE, Placements, Shard, is_valid, shard_fac
 from intra_op.resharding import accumulated_gradient_times, gradient_placements, reshard_time
 from intra_op.strategies import node_strategies
 from intra_op.strategy import OpStrategy, StrategyContext
+from intra_op.zero import ZeroStage
 
 TIE_BREAK_S = 1e-9
 """A nanosecond that breaks ties between plans of equal time (Alpa uses small constants too):
@@ -192,16 +196,18 @@ def build_cost_graph(
     memory_budget_bytes: float | None = None,
     training_memory: TrainingMemory = FP32_ADAM,
     num_microbatches: int = 1,
+    zero: ZeroStage | None = None,
 ) -> CostGraph:
     """Build the ILP of ``graph`` (or of the sub-graph made of ``nodes``) on ``mesh``, pricing
-    one of ``num_microbatches`` micro-batches of a step."""
+    one of ``num_microbatches`` micro-batches of a step; ``zero`` constrains the parameters to a
+    ZeRO stage over mesh axis 0 (``intra_op.zero``), else the ILP chooses their storage."""
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches must be at least 1, got {num_microbatches}")
     selected = list(graph.nodes) if nodes is None else [n for n in graph.nodes if n in set(nodes)]
     ctx = StrategyContext(graph, mesh, cost)
     mesh_shape = tuple(mesh.shape)
     saved_roots = graph.saved_roots(selected)
-    builder = _ProblemBuilder(mesh, cost, num_microbatches)
+    builder = _ProblemBuilder(mesh, cost, num_microbatches, zero)
     choosers: dict[str, Chooser] = {}
     param_groups: dict[str, int] = {}
 
@@ -212,15 +218,23 @@ def build_cost_graph(
         outputs = candidate_placements(meta, mesh_shape)
         if value in graph.value_to_param:
             fqn = graph.value_to_param[value]
+            if zero is not None:
+                outputs = zero.storage_choices(meta, outputs, mesh_shape)
             if fqn in param_groups:  # tied weights: one decision for every placeholder
                 group = param_groups[fqn]
             else:
-                state = meta.nbytes * (
-                    1 + training_memory.gradient_factor + training_memory.optimizer_factor
-                )
+                factors = (training_memory.gradient_factor, training_memory.optimizer_factor)
+                state = meta.nbytes * (1 + sum(factors))
                 group = builder.new_group(
                     np.array([TIE_BREAK_S * (shard_factor(p, mesh_shape) > 1) for p in outputs]),
-                    np.array([state / shard_factor(p, mesh_shape) for p in outputs]),
+                    np.array(
+                        [
+                            state / shard_factor(p, mesh_shape)
+                            if zero is None
+                            else zero.state_bytes(meta, p, mesh_shape, *factors).total
+                            for p in outputs
+                        ]
+                    ),
                 )
                 builder.state_groups.add(group)
                 param_groups[fqn] = group
@@ -278,10 +292,13 @@ class _ProblemBuilder:
     """Accumulates group cost / memory vectors and edge matrices (and their forward and
     gradient-sync parts, for ``CostGraph.breakdown``)."""
 
-    def __init__(self, mesh: LogicalMesh, cost: CostModel, num_microbatches: int) -> None:
+    def __init__(
+        self, mesh: LogicalMesh, cost: CostModel, num_microbatches: int, zero: ZeroStage | None
+    ) -> None:
         self.mesh = mesh
         self.cost = cost
         self.num_microbatches = num_microbatches
+        self.zero = zero
         self.costs: list[np.ndarray] = []
         self.memory: list[np.ndarray] = []
         self.forward_costs: list[np.ndarray] = []
@@ -321,7 +338,7 @@ class _ProblemBuilder:
         assert consumer.strategies is not None
         shape = (len(source.outputs), len(consumer.strategies))
         forward, backward, sync = np.zeros(shape), np.zeros(shape), np.zeros(shape)
-        times = _TensorReshardTimes(meta, self.mesh, self.cost)
+        times = _TensorReshardTimes(meta, self.mesh, self.cost, self.zero)
         outs = [times.intern(out) for out in source.outputs]
         targets = [times.intern(gradient_placements(out)) for out in source.outputs]
         inputs = [times.intern(s.inputs[index]) for s in consumer.strategies]
@@ -337,7 +354,9 @@ class _ProblemBuilder:
                 every = times.reshard(grad, grad_target)
                 if is_param:
                     staged, step = times.accumulated(grad, out)
-                    if step > 0 and staged + step / self.num_microbatches <= every:
+                    if step > 0 and (
+                        times.staged_only or staged + step / self.num_microbatches <= every
+                    ):
                         sync[i, j] = step
                         every = staged + step / self.num_microbatches
                 backward[i, j] = every
@@ -360,8 +379,13 @@ class _TensorReshardTimes:
     placements are interned to small integers first, so each is hashed once per edge (hashing
     placement tuples dominated building large problems)."""
 
-    def __init__(self, meta: TensorMeta, mesh: LogicalMesh, cost: CostModel) -> None:
+    def __init__(
+        self, meta: TensorMeta, mesh: LogicalMesh, cost: CostModel, zero: ZeroStage | None = None
+    ) -> None:
         self.meta, self.mesh, self.cost = meta, mesh, cost
+        self._gradient_times = accumulated_gradient_times if zero is None else zero.gradient_times
+        self.staged_only = zero is not None and zero.syncs_through_shards
+        """ZeRO-1/2: the gradient always goes through the optimizer shard (no plain all-reduce)."""
         self._ids: dict[Placements, int] = {}
         self._placements: list[Placements] = []
         self._reshard: dict[tuple[int, int], float] = {}
@@ -384,7 +408,7 @@ class _TensorReshardTimes:
     def accumulated(self, grad: int, stored: int) -> tuple[float, float]:
         key = (grad, stored)
         if key not in self._accumulated:
-            self._accumulated[key] = accumulated_gradient_times(
+            self._accumulated[key] = self._gradient_times(
                 self.meta, self._placements[grad], self._placements[stored], self.mesh, self.cost
             )
         return self._accumulated[key]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from hierarchical_ap.errors import PlannerOptionError
 from hierarchical_ap.models.presets import gpt_spec, read_data_csv
 from hierarchical_ap.plan import RECOMPUTE_MODES, SCHEDULES
-from stage_partitioner.layers import block_layers
+from stage_partitioner.layers import PlanningLayer, block_layers
 from stage_partitioner.planner import PlanningContext, equal_ranges, submesh_of
 from stage_partitioner.simulator import Candidate, Simulation
 from stage_partitioner.stage_costs import MEMORY_LEVELS, MeshChoice, StageOption
@@ -46,11 +46,16 @@ class ManualConfig:
         return text + (f" v={self.virtual_stages}" if self.schedule == "interleaved" else "")
 
 
-def manual_candidates(context: PlanningContext, config: ManualConfig) -> list[Candidate]:
-    """The candidates of ``config``, one per memory level (the simulator picks)."""
+def manual_candidates(
+    context: PlanningContext,
+    config: ManualConfig,
+    layers: tuple[PlanningLayer, ...] | None = None,
+) -> list[Candidate]:
+    """The candidates of ``config``, one per memory level (the simulator picks); ``layers``:
+    the graph's ``block_layers``, when the caller has them already."""
     cluster, batch = context.cluster, context.options.global_batch
     _check(config, cluster.num_devices, cluster.devices_per_host, batch)
-    layers = tuple(block_layers(context.graph))
+    layers = tuple(block_layers(context.graph)) if layers is None else layers
     v = config.virtual_stages if config.schedule == "interleaved" else 1
     chunks = config.pp * v
     if len(layers) % chunks:

@@ -53,6 +53,7 @@ from intra_op.cost_graph import CostGraph, TrainingMemory, build_cost_graph
 from intra_op.ilp import IlpSession
 from intra_op.placement import Placements, Shard
 from intra_op.solve import solve_cost_graph
+from intra_op.zero import ZeroStage
 from stage_partitioner.layers import LayerPart, PlanningLayer
 from stage_partitioner.submeshes import submesh_shapes
 
@@ -147,6 +148,7 @@ class PartSolver:
         device_budget: float,
         workers: int | None = None,
         time_limit_s: float = 30.0,
+        zero: ZeroStage | None = None,
     ) -> None:
         self.graph = graph
         self.cluster = cluster
@@ -156,6 +158,8 @@ class PartSolver:
         self.device_budget = device_budget
         self.workers = workers if workers is not None else max(1, os.cpu_count() or 1)
         self.time_limit_s = time_limit_s
+        self.zero = zero
+        """A ZeRO stage every part's parameters are held to (``intra_op.zero``); ``None``: free."""
         self.cache: dict[tuple, tuple[PartCost | None, ...]] = {}
 
     def solve_all(
@@ -208,6 +212,7 @@ class PartSolver:
             nodes=nodes,
             training_memory=self.training_memory,
             num_microbatches=self.num_microbatches_of(b),
+            zero=self.zero,
         )
         session = IlpSession(cost_graph.problem, time_limit_s=self.time_limit_s)
         part = _Part(

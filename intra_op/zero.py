@@ -1,0 +1,168 @@
+"""ZeRO stages (Rajbhandari et al., SC20) as constraints on the sharding ILP's parameters.
+
+On a logical mesh ``(dp, tp)`` mesh axis 0 is the data-parallel axis. Left free, the ILP
+chooses each parameter's storage placement itself (sharding it along axis 0 is ZeRO-3). A
+``ZeroStage`` instead fixes what the stage partitions over axis 0 and prices it with the same
+resharding costs (``intra_op.resharding``). For a parameter of ``w`` bytes whose storage is
+split ``s`` ways by the other axes (tensor parallelism), with gradient and optimizer factors
+``g`` and ``o`` (``TrainingMemory``), per device:
+
+    stage  storage on axis 0   parameters  gradients   optimizer   gradient synchronisation
+    0      replicated          w/s         g·w/s       o·w/s       all-reduce once per step
+    1      replicated          w/s         g·w/s       o·w/(s·dp)  reduce-scatter + all-gather
+                                                                   of the parameters, once
+    2      replicated          w/s         g·w/(s·dp)  o·w/(s·dp)  reduce-scatter every
+                                                                   micro-batch, all-gather once
+    3      sharded             w/(s·dp)    g·w/(s·dp)  o·w/(s·dp)  all-gather before each use,
+                                                                   reduce-scatter every
+                                                                   micro-batch
+
+the ZeRO paper's ``(2 + 2 + K)·Ψ`` accounting divided by ``N_d`` stage by stage. ZeRO-3's
+gathers are the ILP's own parameter edges: a sharded weight used replicated is all-gathered
+for the forward and again for the backward (and for the recomputed forward, which the outer
+planner adds), and its gradient reduce-scattered every micro-batch
+(``accumulated_gradient_times``). ZeRO-1 and ZeRO-2 keep the weight replicated, and their
+gradient goes through the *optimizer shard*: the storage placement with axis 0 turned into
+``Shard(d)`` for the first dim ``d`` that splits evenly.
+
+Two rules follow DeepSpeed: ZeRO-3 leaves parameters of fewer than ``PERSISTENCE_THRESHOLD``
+elements unpartitioned (``stage3_param_persistence_threshold``; they get ZeRO-2's treatment),
+and a parameter no dim of which splits evenly over axis 0 is not partitioned at all.
+
+With ``tensor_parallel``, mesh axis 1 is held to tensor parallelism as Megatron-LM uses it:
+every weight matrix (a parameter of two or more dims) is split along axis 1 wherever it can
+be, so that a configuration's ``tp`` devices divide the weights rather than the batch; the ILP
+still chooses which dim (column or row parallel, vocabulary-parallel embeddings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hierarchical_ap.cluster import LogicalMesh
+from hierarchical_ap.cost_model import CostModel
+from hierarchical_ap.profile import TensorMeta
+from intra_op.placement import Placements, Shard, is_valid, shard_factor
+from intra_op.resharding import accumulated_gradient_times, reshard_time
+
+ZERO_STAGES = (0, 1, 2, 3)
+DATA_AXIS = 0
+TENSOR_AXIS = 1
+PERSISTENCE_THRESHOLD = 100_000
+"""DeepSpeed's default ``stage3_param_persistence_threshold``: smaller parameters stay whole."""
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Training state of one parameter per device, split as the ZeRO paper counts it."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer
+
+
+@dataclass(frozen=True)
+class ZeroStage:
+    """What ZeRO stage ``stage`` partitions over mesh axis 0, and whether axis 1 is held to
+    tensor parallelism (module docstring)."""
+
+    stage: int
+    tensor_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stage not in ZERO_STAGES:
+            raise ValueError(f"ZeRO stage must be one of {ZERO_STAGES}, got {self.stage!r}")
+
+    @property
+    def syncs_through_shards(self) -> bool:
+        """ZeRO-1 and ZeRO-2 always synchronise a gradient through the optimizer shard (the
+        updated shard must be all-gathered), never by a plain all-reduce."""
+        return self.stage in (1, 2)
+
+    def storage_choices(
+        self, meta: TensorMeta, choices: Sequence[Placements], mesh_shape: Sequence[int]
+    ) -> list[Placements]:
+        """The storage placements a parameter may take: sharded along axis 0 under ZeRO-3
+        (when it is partitioned at all), replicated along it otherwise; weight matrices split
+        along axis 1 under tensor parallelism."""
+        allowed = list(choices)
+        if mesh_shape[DATA_AXIS] > 1:
+            sharded = [p for p in allowed if isinstance(p[DATA_AXIS], Shard)]
+            if self.stage == 3 and meta.numel >= PERSISTENCE_THRESHOLD and sharded:
+                allowed = sharded
+            else:
+                allowed = [p for p in allowed if not isinstance(p[DATA_AXIS], Shard)]
+        if self.tensor_parallel and mesh_shape[TENSOR_AXIS] > 1 and len(meta.shape) >= 2:
+            split = [p for p in allowed if isinstance(p[TENSOR_AXIS], Shard)]
+            allowed = split or allowed
+        return allowed
+
+    def state_bytes(
+        self,
+        meta: TensorMeta,
+        stored: Placements,
+        mesh_shape: Sequence[int],
+        gradient_factor: float,
+        optimizer_factor: float,
+    ) -> StateBytes:
+        """Parameters, gradients and optimizer states per device for storage ``stored``."""
+        weight = meta.nbytes / shard_factor(stored, mesh_shape)
+        split = mesh_shape[DATA_AXIS] if self._partitions_state(meta, stored, mesh_shape) else 1
+        return StateBytes(
+            parameters=weight,
+            gradients=gradient_factor * weight / (split if self.stage >= 2 else 1),
+            optimizer=optimizer_factor * weight / split,
+        )
+
+    def gradient_times(
+        self,
+        meta: TensorMeta,
+        grad: Placements,
+        stored: Placements,
+        mesh: LogicalMesh,
+        cost: CostModel,
+    ) -> tuple[float, float]:
+        """``(every micro-batch, once per step)`` seconds of a parameter's gradient
+        synchronisation, from the placement it is produced in (``grad``) to its storage."""
+        shard = optimizer_shard(meta, stored, mesh.shape)
+        if shard is None or self.stage == 0 or isinstance(stored[DATA_AXIS], Shard):
+            return accumulated_gradient_times(meta, grad, stored, mesh, cost)
+        gather = reshard_time(meta, shard, stored, mesh, cost)
+        if self.stage == 1:
+            every, _ = accumulated_gradient_times(meta, grad, stored, mesh, cost)
+            staged = _staged(grad, stored)
+            return every, reshard_time(meta, staged, shard, mesh, cost) + gather
+        every, rest = accumulated_gradient_times(meta, grad, shard, mesh, cost)
+        return every, rest + gather
+
+    def _partitions_state(
+        self, meta: TensorMeta, stored: Placements, mesh_shape: Sequence[int]
+    ) -> bool:
+        """Whether gradients / optimizer states are split over axis 0 beyond the storage."""
+        if self.stage == 0 or isinstance(stored[DATA_AXIS], Shard):
+            return False
+        return optimizer_shard(meta, stored, mesh_shape) is not None
+
+
+def optimizer_shard(
+    meta: TensorMeta, stored: Placements, mesh_shape: Sequence[int]
+) -> Placements | None:
+    """``stored`` with axis 0 turned into ``Shard(d)`` for the first dim ``d`` that splits
+    evenly (``None`` when axis 0 has one device or no dim splits)."""
+    if mesh_shape[DATA_AXIS] == 1 or isinstance(stored[DATA_AXIS], Shard):
+        return None
+    for dim in range(len(meta.shape)):
+        candidate = (Shard(dim), *stored[1:])
+        if is_valid(meta.shape, candidate, mesh_shape):
+            return candidate
+    return None
+
+
+def _staged(grad: Placements, stored: Placements) -> Placements:
+    """The placement ``accumulated_gradient_times`` accumulates a gradient in."""
+    return tuple(w if isinstance(w, Shard) else g for g, w in zip(grad, stored, strict=True))
