@@ -13,7 +13,9 @@ user inputs of the captured program (model inputs then loss targets), distribute
 
 Autograd runs through DTensor, so ``loss.backward()`` leaves DTensor gradients on the
 parameters, in their storage placement (a replicated parameter's partial gradient is
-all-reduced, a ZeRO-sharded one's is reduce-scattered).
+all-reduced, a ZeRO-sharded one's is reduce-scattered). Inside a step of several
+micro-batches (``open_step`` / ``close_step``, below) the data-parallel all-reduce runs once
+per step instead, on the gradients summed over the micro-batches (``intra_op.gradient_sync``).
 
 The graph may have been captured on the meta device: device arguments (``arange(…,
 device=meta)``, ``to(meta)``) are rewritten to the mesh's device, ``_assert_tensor_metadata``
@@ -50,15 +52,19 @@ On a one-device mesh every DTensor holds its whole value whatever its placements
 ``run_part`` there runs the part as a compiled ``fx.GraphModule`` on the local tensors
 (``intra_op.plain_part``): the same aten ops on the same values, without DTensor's dispatch
 or the node-by-node interpreter. ``open_step`` / ``close_step`` bracket the micro-batches of
-one optimizer step, so the parameters are wrapped once per step rather than per call.
+one optimizer step, so the parameters are wrapped once per step rather than per call, and
+their gradients accumulate locally over the step: along a mesh axis that replicates a
+parameter, the micro-batches' ``Partial`` gradients are summed unreduced and ``close_step``
+all-reduces the sum once, in flat buckets (``intra_op.gradient_sync``); along an axis that
+shards it (ZeRO) each micro-batch's gradient is reduce-scattered in its backward.
 
 Master weights (mixed precision). ``apply(..., master_dtype=torch.float32)`` on a graph captured
 in a lower precision (bfloat16) stores the floating parameters in ``master_dtype``: they are
 what ``parameters_by_fqn``, ``load_full_state_dict`` and an optimizer see. The graph reads each
 one cast to its captured dtype, by a differentiable cast made once per step (``open_step``; per
 call without an open step); the cast's backward turns every gradient back into
-``master_dtype`` before it is reduced to the parameter's placement and accumulated in its
-``grad``.
+``master_dtype`` before it is accumulated and reduced to the parameter's placement, so
+accumulation and the data-parallel reduction run in ``master_dtype``.
 """
 
 from __future__ import annotations
@@ -79,6 +85,12 @@ from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
 from hierarchical_ap.errors import HapError
 from hierarchical_ap.graph import OpGraph
 from hierarchical_ap.profile import TensorMeta
+from intra_op.gradient_sync import (
+    AccumulatedGradient,
+    StepGradients,
+    StepParameter,
+    reduce_to_stored,
+)
 from intra_op.placement import (
     Partial,
     Placement,
@@ -512,7 +524,11 @@ class ShardedProgram(nn.Module):
         self._step_params: dict[str, torch.Tensor] | None = None
         """FQN → the parameter as the open step's micro-batches read it (see ``open_step``)."""
         self._step_leaves: dict[str, torch.Tensor] = {}
-        """Plain path: FQN → the leaf the open step's gradients accumulate in."""
+        """FQN → the leaf (the parameter's local tensor) the open step's gradients accumulate
+        in."""
+        self._step_gradients = StepGradients()
+        """DTensor path: the open step's gradients, summed per parameter in its accumulation
+        placement by the backward of ``StepParameter``."""
         if state is not None:
             self.load_full_state_dict(state)
 
@@ -562,41 +578,73 @@ class ShardedProgram(nn.Module):
         """Wrap the parameters once for the micro-batches of one optimizer step, until
         ``close_step``; without an open step every ``run_part`` wraps them afresh.
 
-        DTensor path: each parameter becomes one graph value whose gradient is redistributed
-        to the parameter's placement (``_pin_gradient``), shared by the step's micro-batches.
-        Plain path: each parameter's local tensor becomes a plain leaf (same storage) that
-        accumulates the micro-batches' gradients; ``close_step`` hands the sum to the
-        parameter as a DTensor gradient, so each parameter gets ``sum_i grad_i`` as autograd
-        through DTensor would give it. Master weights are cast to the captured dtype here, once
-        for the step's micro-batches."""
+        Each parameter's local tensor becomes a leaf of the step (same storage). On the plain
+        path the graph reads the leaf itself, which accumulates the micro-batches' gradients.
+        On the DTensor path it reads the leaf as a DTensor in the parameter's placement
+        (``intra_op.gradient_sync.StepParameter``) whose backward sums each gradient locally
+        (``StepGradients``), unreduced along the mesh axes that replicate the parameter (a
+        data-parallel ``Partial`` stays a local summand) and reduce-scattered along the axes
+        that shard it (ZeRO), as the cost model charges. ``close_step`` reduces the sums once
+        and hands them to the parameters, so each parameter gets ``sum_i grad_i`` in its
+        placement, as autograd through DTensor would give it. Master weights are cast to the
+        captured dtype here, once for the step's micro-batches; the cast's backward returns
+        each gradient to the master dtype before it is accumulated and reduced."""
+        self._step_leaves = {
+            fqn: param.to_local().detach().requires_grad_(param.requires_grad)
+            for fqn, param in self._params_by_fqn.items()
+        }
+        self._step_gradients = StepGradients()
         if self._plain:
-            self._step_leaves = {
-                fqn: param.to_local().detach().requires_grad_(param.requires_grad)
-                for fqn, param in self._params_by_fqn.items()
-            }
             self._step_params = {
                 fqn: self._as_captured(fqn, leaf) for fqn, leaf in self._step_leaves.items()
             }
         else:
             self._step_params = {
-                fqn: self._as_captured(fqn, self._pin_gradient(param))
-                for fqn, param in self._params_by_fqn.items()
+                fqn: self._as_captured(fqn, self._step_parameter(fqn, leaf))
+                for fqn, leaf in self._step_leaves.items()
             }
 
+    def _step_parameter(self, fqn: str, leaf: torch.Tensor) -> DTensor:
+        param = self._params_by_fqn[fqn]
+        return StepParameter.apply(
+            leaf,
+            self._mesh,
+            tuple(param.placements),
+            param.shape,
+            param.stride(),
+            fqn,
+            self._step_gradients,
+        )
+
     def close_step(self) -> None:
-        """End the step ``open_step`` opened; on the plain path, add each leaf's accumulated
-        gradient to its parameter's ``grad`` (a DTensor in the parameter's placement)."""
+        """End the step ``open_step`` opened: bring each parameter's accumulated gradient to
+        its placement (on a mesh of several devices, one bucketed all-reduce per replicating
+        axis for all the data-parallel gradients: ``intra_op.gradient_sync.reduce_to_stored``,
+        a collective over the mesh) and add it to the parameter's ``grad`` (a DTensor in the
+        parameter's placement)."""
         step, self._step_params = self._step_params, None
         leaves, self._step_leaves = self._step_leaves, {}
-        if not self._plain or step is None:
+        if step is None:
             return
+        del step
+        summed = self._step_gradients.take()
+        accumulated: dict[str, AccumulatedGradient] = {}
         with torch.no_grad():
-            for fqn, leaf in leaves.items():
-                if leaf.grad is None:
-                    continue
+            for fqn, param in self._params_by_fqn.items():
+                stored = tuple(param.placements)
+                leaf = leaves[fqn]
+                if fqn in summed:  # the DTensor path
+                    accumulated[fqn] = summed.pop(fqn)
+                elif leaf.grad is not None:  # the plain path: the leaf holds the whole sum
+                    accumulated[fqn] = AccumulatedGradient(
+                        leaf.grad, stored, stored, param.shape, param.stride()
+                    )
+                    leaf.grad = None
+            del leaves
+            for fqn, local in reduce_to_stored(self._mesh, accumulated).items():
                 param = self._params_by_fqn[fqn]
                 grad = DTensor.from_local(
-                    leaf.grad,
+                    local,
                     self._mesh,
                     param.placements,
                     run_check=False,

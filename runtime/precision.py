@@ -11,9 +11,10 @@ param_dtype=torch.bfloat16, reduce_dtype=torch.float32)``, Megatron-LM's bf16 re
   optimizer steps (its state is float32 too), what ``state_dict`` returns and what checkpoints
   hold. Each optimizer step casts every parameter shard to bfloat16 once (not once per
   micro-batch); the cast's backward brings each micro-batch's gradient back to float32
-  *before* it is reduced to the parameter's placement (data-parallel all-reduce or
-  reduce-scatter), accumulated over the micro-batches into the master's ``.grad`` and summed
-  over the stages sharing the parameter. Tensor-parallel activation collectives inside a stage
+  *before* it is accumulated over the micro-batches and reduced to the parameter's placement
+  (the reduce-scatter of a ZeRO shard every micro-batch, the data-parallel all-reduce of the
+  accumulated sum once per step) into the master's ``.grad``, and summed over the stages
+  sharing the parameter. Tensor-parallel activation collectives inside a stage
   run in bfloat16 (gloo and NCCL both reduce bfloat16).
 * The loss is whatever ``loss_fn`` computes on the bfloat16 outputs; the zoo's
   ``causal_lm_loss`` upcasts the logits to float32 first (as Megatron-LM and transformers do),

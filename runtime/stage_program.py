@@ -16,7 +16,8 @@
 ``forward(mb, received, user_inputs)`` returns the tensors to send on (``runtime.boundary``)
 and, on the last stage, the micro-batch's loss; ``backward(mb, grads)`` runs autograd from the
 sent tensors (or from ``loss / num_microbatches`` on the last stage), accumulating parameter
-gradients in their storage placements, and returns the gradients of the received values;
+gradients locally (``ShardedProgram.open_step``), and returns the gradients of the received
+values;
 ``free(mb)`` drops what the micro-batch kept. Summing ``loss_i / m`` over the ``m`` equal
 micro-batches gives the gradient of the mean loss over the global batch (for a loss that is a
 mean over the batch).
@@ -28,8 +29,10 @@ values stay the plain full tensors they are (``runtime.boundary``'s DTensor wrap
 identity there); on a larger mesh it runs node by node on DTensors. Either way the parameters
 are wrapped once per optimizer step (``ShardedProgram.open_step``): every schedule runs a
 stage's forwards in micro-batch order, so the forward of micro-batch 0 opens the step, and the
-``m``-th backward closes it (which, on the plain path, hands the accumulated gradients to the
-DTensor parameters before the worker synchronises and steps).
+``m``-th backward closes it: the gradients accumulated over the step are reduced to the
+parameters' placements once (on a data-parallel mesh, one bucketed all-reduce per replicating
+axis instead of one all-reduce per parameter and micro-batch; ``intra_op.gradient_sync``) and
+handed to the DTensor parameters before the worker synchronises shared parameters and steps.
 
 Mixed precision (``runtime.precision``): the graph is captured in the compute dtype (bf16), so
 received, computed and sent values are bf16 and the boundary metadata (``received_metas``,

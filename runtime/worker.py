@@ -21,8 +21,11 @@ it on bare gloo processes). Its life:
 3. ``train_step``: run the list over the global batch's micro-batches, then synchronise the
    gradients of parameters shared between stages (sum of the stages' full gradients, stored
    back in each copy's placement), then step the optimizer on every shard. Data-parallel
-   gradient reduction inside a stage happens in backward, where DTensor reduces a replicated
-   parameter's partial gradient (and reduce-scatters a sharded one's).
+   gradient reduction inside a stage runs once per step, when the stage's last backward
+   closes its step (``ShardedProgram.close_step``: the micro-batches' partial gradients are
+   summed locally and all-reduced in buckets; ``intra_op.gradient_sync``), while a
+   parameter stored sharded over the data axis has its gradient reduce-scattered in every
+   backward.
 4. ``save_checkpoint`` / ``load_checkpoint``: DCP save of the shards it owns (parameters,
    persistent buffers, optimizer state) or load of the shards it holds, resharded
    (``runtime.checkpoint``).

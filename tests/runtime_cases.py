@@ -12,6 +12,7 @@ from typing import Any
 
 import ray
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -19,6 +20,7 @@ from hierarchical_ap.api import manual_plan
 from hierarchical_ap.cluster import Cluster
 from hierarchical_ap.models import from_spec, init_module_weights, materialize
 from hierarchical_ap.plan import ParallelPlan
+from runtime.worker import PipelineWorker, TrainingProgram
 
 TOLERANCE = 1e-5
 LEARNING_RATE = 0.1
@@ -130,6 +132,25 @@ def build_case(name: str, steps: int, *, meta: bool = False) -> Case:
         tokens = torch.randint(vocab, (BATCH, SEQ + 1), generator=generator)
         batches.append(((tokens[:, :-1].contiguous(),), tokens[:, 1:].contiguous()))
     return Case(model, batches, bundle.loss_fn)
+
+
+def built_worker(plan: ParallelPlan, case: Case, optimizer_fn: Callable) -> PipelineWorker:
+    """This torch.distributed rank's ``PipelineWorker`` (gloo), built for ``case`` under ``plan``
+    with one micro-batch of the case's first batch as the example."""
+    worker = PipelineWorker(dist.get_rank(), dist.get_world_size(), "gloo", 60.0)
+    inputs, targets = case.batches[0]
+    b = plan.global_batch // plan.num_microbatches
+    worker.build(
+        TrainingProgram(
+            plan=plan,
+            model=case.model,
+            microbatch_inputs=tuple(t[:b] for t in inputs),
+            microbatch_targets=targets[:b],
+            loss_fn=case.loss_fn,
+            optimizer_fn=optimizer_fn,
+        )
+    )
+    return worker
 
 
 def reference_run(

@@ -43,11 +43,12 @@ from hierarchical_ap.graph import capture
 from hierarchical_ap.plan import model_fingerprint
 from runtime.optimizer import ShardOptimizer
 from runtime.precision import UnsupportedPrecisionError, master_fingerprint, policy_for
-from runtime.worker import PipelineWorker, TrainingProgram, meta_copy, to_meta
+from runtime.worker import meta_copy, to_meta
 from tests.distributed import DistributedWorkers
 from tests.runtime_cases import (
     adamw,
     build_case,
+    built_worker,
     local_ray,
     plan_for,
     reference_run,
@@ -161,19 +162,7 @@ def one_process() -> Iterator[DistributedWorkers]:
 def train_one_device_bf16(plan, steps: int):
     """On one rank: the whole model as one bf16 stage; losses, state, dtypes, paths run."""
     case = build_case("gpt", steps)
-    worker = PipelineWorker(dist.get_rank(), dist.get_world_size(), "gloo", 60.0)
-    inputs, targets = case.batches[0]
-    b = plan.global_batch // plan.num_microbatches
-    worker.build(
-        TrainingProgram(
-            plan=plan,
-            model=case.model,
-            microbatch_inputs=tuple(t[:b] for t in inputs),
-            microbatch_targets=targets[:b],
-            loss_fn=case.loss_fn,
-            optimizer_fn=sgd_momentum,
-        )
-    )
+    worker = built_worker(plan, case, sgd_momentum)
     losses = [worker.train_step(x, y) for x, y in case.batches]
     plain = [p.program.runs_plain for p in worker.programs.values()] + [worker.optimizer.plain]
     return losses, worker.full_state(), worker.stage_dtypes(), plain

@@ -11,11 +11,17 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from runtime.worker import PipelineWorker, TrainingProgram
 from tests.distributed import DistributedWorkers
-from tests.runtime_cases import build_case, compare, megatron, plan_for, reference_run, sgd
+from tests.runtime_cases import (
+    build_case,
+    built_worker,
+    compare,
+    megatron,
+    plan_for,
+    reference_run,
+    sgd,
+)
 
 WORLD = 4
 STEPS = 2
@@ -25,18 +31,7 @@ def train_on_rank(plan, name: str, meta: bool, steps: int) -> tuple[list[list[fl
     """On one rank: build the worker, train ``steps`` steps, return its losses and state."""
     torch.manual_seed(0)
     case = build_case(name, steps, meta=meta)
-    worker = PipelineWorker(dist.get_rank(), dist.get_world_size(), "gloo", 60.0)
-    inputs, targets = case.batches[0]
-    b = plan.micro_batch_size
-    program = TrainingProgram(
-        plan=plan,
-        model=case.model,
-        microbatch_inputs=tuple(t[:b] for t in inputs),
-        microbatch_targets=targets[:b],
-        loss_fn=case.loss_fn,
-        optimizer_fn=sgd,
-    )
-    worker.build(program)
+    worker = built_worker(plan, case, sgd)
     losses = [worker.train_step(inputs, targets) for inputs, targets in case.batches]
     return losses, worker.full_state()
 

@@ -26,9 +26,8 @@ from intra_op.apply import apply, propagate_solution
 from intra_op.placement import replicated
 from runtime import boundary
 from runtime.stage_graph import slice_stages
-from runtime.worker import PipelineWorker, TrainingProgram
 from tests.distributed import DistributedWorkers
-from tests.runtime_cases import adamw, build_case, compare, plan_for, reference_run
+from tests.runtime_cases import adamw, build_case, built_worker, compare, plan_for, reference_run
 
 WORLD = 2
 STEPS = 2
@@ -141,19 +140,7 @@ def train_on_rank(plan, name: str, steps: int):
     """On one rank: build the worker, train ``steps`` steps; losses, state, paths run."""
     torch.manual_seed(0)
     case = build_case(name, steps)
-    worker = PipelineWorker(dist.get_rank(), dist.get_world_size(), "gloo", 60.0)
-    inputs, targets = case.batches[0]
-    b = plan.micro_batch_size
-    worker.build(
-        TrainingProgram(
-            plan=plan,
-            model=case.model,
-            microbatch_inputs=tuple(t[:b] for t in inputs),
-            microbatch_targets=targets[:b],
-            loss_fn=case.loss_fn,
-            optimizer_fn=adamw,
-        )
-    )
+    worker = built_worker(plan, case, adamw)
     losses = [worker.train_step(inputs, targets) for inputs, targets in case.batches]
     plain = [p.program.runs_plain for p in worker.programs.values()]
     return losses, worker.full_state(), plain
