@@ -135,6 +135,14 @@ def _receive_dtype(plan: TransferPlan, local_src: torch.Tensor | None, dtype) ->
     return dtype
 
 
+def _receive_buffer(piece: Piece, recv_box: Box, out: torch.Tensor) -> torch.Tensor:
+    """Where a received piece lands: the destination tensor itself when the piece is all of
+    it (one message fills it, no copy), else a buffer of the piece's shape placed on ``wait``."""
+    if tuple(piece.box) == tuple(recv_box):
+        return out
+    return torch.empty(box_shape(piece.box), dtype=out.dtype, device=out.device)
+
+
 def _check_source(plan: TransferPlan, local_src: torch.Tensor | None, my_rank: int) -> None:
     box = plan.src_boxes.get(my_rank)
     if box is None:
@@ -185,7 +193,8 @@ class PendingTransfer:
                     src = self.local_src[_relative(piece.box, plan.src_boxes[rank])]
                     out[_relative(piece.box, recv_box)] = src
             for piece, buffer in self.inbox:
-                out[_relative(piece.box, recv_box)] = buffer
+                if buffer is not out:
+                    out[_relative(piece.box, recv_box)] = buffer
             if plan.all_gather is not None:
                 out = _all_gather(plan, out, rank, self.dst_axis_groups)
         return out
@@ -257,7 +266,7 @@ def start_transfer(
         if p.dst_rank != my_rank
     ]
     inbox = [
-        (p, torch.empty(box_shape(p.box), dtype=out.dtype, device=out.device))
+        (p, _receive_buffer(p, plan.recv_boxes[my_rank], out))
         for p in plan.pieces_to(my_rank)
         if p.src_rank != my_rank
     ]

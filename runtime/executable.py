@@ -44,6 +44,10 @@ from runtime.worker import OptimizerFn, TrainingProgram, model_leaves
 logger = logging.getLogger(__name__)
 
 FAILURE_GRACE_S = 5.0
+INLINE_BATCH_BYTES = 100 * 1024
+"""A batch part (inputs or targets) up to this size travels inside each worker's task, as Ray
+inlines small arguments (its default ``max_direct_call_object_size``); a larger one is put in
+the object store once and read from there by the workers that need it."""
 """After a worker reports an error, how long to wait for a peer's death to be reported (the
 death is the cause worth naming)."""
 
@@ -142,8 +146,8 @@ class ParallelExecutable:
         _check_like("input", leaves, self._example_inputs)
         _check_like("target", target_leaves, self._example_targets)
         _check_batch(leaves, target_leaves, self.plan.num_microbatches)
-        inputs_ref = ray.put(inputs)
-        targets_ref = ray.put(targets)
+        inputs_ref = _for_workers(inputs, leaves)
+        targets_ref = _for_workers(targets, target_leaves)
         refs = [
             worker.train_step.remote(
                 inputs_ref if role["inputs"] else None, targets_ref if role["targets"] else None
@@ -294,6 +298,13 @@ def _first_line(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None) or exc
     lines = [line for line in str(cause).strip().splitlines() if line.strip()]
     return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
+
+
+def _for_workers(value: Any, leaves: list[Any]) -> Any:
+    """``value`` as the workers' tasks take it: itself when small (inlined in each task, no
+    object-store round trip on the step's critical path), else one object-store reference."""
+    size = sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+    return value if size <= INLINE_BATCH_BYTES else ray.put(value)
 
 
 def _first_microbatch(value: Any, num_microbatches: int) -> Any:

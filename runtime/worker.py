@@ -171,7 +171,11 @@ class PipelineWorker:
         self.init_report = self._initialise_shards(program)
         self.shared = self._shared_parameter_groups(layout)
         self.channels = self._boundary_groups(layout)
-        self._plans: dict[tuple[int, int, int], boundary.TransferPlan] = {}
+        self._plans: dict[
+            tuple[int, int, int],
+            tuple[boundary.TransferPlan, boundary.MeshSide, boundary.MeshSide],
+        ] = {}
+        self._axis_groups = {axis: self.mesh.get_group(axis) for axis in range(self.mesh.ndim)}
         self.optimizer = ShardOptimizer(
             program.optimizer_fn, self._unique_parameters(), plain=self.mesh.size() == 1
         )
@@ -377,10 +381,11 @@ class PipelineWorker:
         self, kind: int, from_stage: int, index: int, shape: torch.Size, dtype: torch.dtype
     ) -> tuple[boundary.TransferPlan, boundary.MeshSide, boundary.MeshSide]:
         key = (kind, from_stage, index)
-        src, dst = self._sides(kind, from_stage, shape)
-        if key not in self._plans:
-            self._plans[key] = boundary.transfer_plan(shape, dtype, src, dst)
-        return self._plans[key], src, dst
+        planned = self._plans.get(key)
+        if planned is None:
+            src, dst = self._sides(kind, from_stage, shape)
+            planned = self._plans[key] = (boundary.transfer_plan(shape, dtype, src, dst), src, dst)
+        return planned
 
     def _send(
         self, step: Instruction, tensors: list[torch.Tensor], kind: int
@@ -412,7 +417,6 @@ class PipelineWorker:
     ) -> list[torch.Tensor]:
         """Receive this worker's piece of every value (in value order), as the value in the
         placement this stage reads it in; raises on timeout or a vanished peer."""
-        axis_groups = {axis: self.mesh.get_group(axis) for axis in range(self.mesh.ndim)}
         started = []
         for i, (shape, dtype) in enumerate(metas):
             plan, _, dst = self._transfer_plan(kind, from_stage, i, shape, dtype)
@@ -421,7 +425,7 @@ class PipelineWorker:
                 None,
                 self.rank,
                 self.channels[kind, from_stage],
-                axis_groups,
+                self._axis_groups,
                 dtype,
                 self.device,
             )
