@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
     parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="fp32 (default) or bf16: bf16 compute with fp32 master weights and optimizer state",
+    )
+    parser.add_argument(
         "--plan", default=None, help="a plan JSON (from `hap plan -o`) to use instead of searching"
     )
     args = parser.parse_args(argv)
@@ -108,12 +114,17 @@ def train(args: argparse.Namespace, console: Console) -> tuple[float, float]:
     inputs, targets = batches[0]
     console.print(
         f"[bold]{args.model}[/bold] on {cluster.num_devices} {cluster.device.name} worker(s); "
-        f"global batch {args.global_batch}, {args.steps} steps"
+        f"global batch {args.global_batch}, {args.steps} steps, {args.precision}"
     )
     if args.plan is None:
         with console.status("planning"):
             plan = search_plan(
-                bundle.model, cluster, (inputs,), targets=targets, loss_fn=bundle.loss_fn
+                bundle.model,
+                cluster,
+                (inputs,),
+                targets=targets,
+                loss_fn=bundle.loss_fn,
+                precision=args.precision,
             )
     else:
         plan = hap.ParallelPlan.load(args.plan)
@@ -128,6 +139,7 @@ def train(args: argparse.Namespace, console: Console) -> tuple[float, float]:
             optimizer_fn=functools.partial(torch.optim.AdamW, lr=args.lr),
             plan=plan,
             init_seed=args.seed,
+            precision=args.precision,
         )
     losses: list[float] = []
     with executable, _progress(console) as progress:

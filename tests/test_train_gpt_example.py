@@ -50,8 +50,9 @@ def printed_loss(which: str, stdout: str) -> float:
 
 
 @pytest.mark.timeout(RUN_LIMIT_S + 30)
-def test_plans_and_trains_with_a_finite_falling_loss():
-    result = run_example("--cluster", "local:2", "--steps", "3", *TINY)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_plans_and_trains_with_a_finite_falling_loss(precision):
+    result = run_example("--cluster", "local:2", "--steps", "3", "--precision", precision, *TINY)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "schedule" in result.stdout and "predicted step" in result.stdout  # the plan table
     first, last = printed_loss("first", result.stdout), printed_loss("last", result.stdout)
