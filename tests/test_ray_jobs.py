@@ -32,8 +32,8 @@ import pytest
 import requests
 
 from hierarchical_ap.cli import main
+from tests.subprocesses import ROOT, run_in_own_session
 
-ROOT = Path(__file__).resolve().parent.parent
 HEAD_CPUS = 2  # Cluster.from_ray sees one host of this many CPU workers
 TINY = ["--model", "gpt:layers=2,hidden=32,heads=2,vocab=64,seq=16", "--global-batch", "4"]
 HEAD_START_LIMIT_S = 90
@@ -189,22 +189,12 @@ def head() -> Iterator[Head]:
 
 
 def _hap_submit(*args: str, timeout_s: float = QUICK_LIMIT_S) -> subprocess.CompletedProcess[str]:
-    process = subprocess.Popen(
+    return run_in_own_session(
         [sys.executable, "-m", "hierarchical_ap.cli", "submit", *args],
-        cwd=ROOT,
         env=_clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+        timeout_s=timeout_s,
+        what="hap submit",
     )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"hap submit ran past {timeout_s} s:\n{stdout}\n{stderr}")
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def _hap_submit_here(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:

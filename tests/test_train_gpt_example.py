@@ -9,14 +9,13 @@ from __future__ import annotations
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.subprocesses import ROOT, run_in_own_session
+
 EXAMPLE = ROOT / "examples" / "train_gpt.py"
 TINY = ["--model", "gpt:layers=2,hidden=32,heads=2,vocab=64,seq=16", "--global-batch", "4"]
 RUN_LIMIT_S = 150
@@ -24,23 +23,12 @@ RUN_LIMIT_S = 150
 
 def run_example(*args: str) -> subprocess.CompletedProcess[str]:
     """The example's exit status and output; its process group is killed if it overruns."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="120")
-    process = subprocess.Popen(
+    return run_in_own_session(
         [sys.executable, str(EXAMPLE), *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="120"),
+        timeout_s=RUN_LIMIT_S,
+        what="the example",
     )
-    try:
-        stdout, stderr = process.communicate(timeout=RUN_LIMIT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"the example ran past {RUN_LIMIT_S} s:\n{stdout}\n{stderr}")
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def printed_loss(which: str, stdout: str) -> float:
