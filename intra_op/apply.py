@@ -643,14 +643,7 @@ class ShardedProgram(nn.Module):
             del leaves
             for fqn, local in reduce_to_stored(self._mesh, accumulated).items():
                 param = self._params_by_fqn[fqn]
-                grad = DTensor.from_local(
-                    local,
-                    self._mesh,
-                    param.placements,
-                    run_check=False,
-                    shape=param.shape,
-                    stride=param.stride(),
-                )
+                grad = shard_as_dtensor(local, param)
                 param.grad = grad if param.grad is None else param.grad + grad
 
     def load_full_state_dict(self, state: Mapping[str, torch.Tensor] | nn.Module) -> None:
@@ -1111,6 +1104,19 @@ class ShardedProgram(nn.Module):
         specs = self._graph.exported.graph_signature.output_specs
         user = [v for v, spec in zip(values, specs, strict=True) if spec.kind in _USER_OUTPUTS]
         return pytree.tree_unflatten(user, self._graph.exported.call_spec.out_spec)
+
+
+def shard_as_dtensor(local: torch.Tensor, param: DTensor) -> DTensor:
+    """``local``, this rank's shard of a tensor laid out like ``param``, as a DTensor with
+    ``param``'s mesh, placements, global shape and stride (no communication)."""
+    return DTensor.from_local(
+        local,
+        param.device_mesh,
+        param.placements,
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
 
 
 def _contiguous(value: DTensor) -> DTensor:

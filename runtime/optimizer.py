@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from intra_op.apply import shard_as_dtensor
+
 OptimizerFn = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -97,11 +99,4 @@ def _as_dtensor_like(value: Any, param: nn.Parameter) -> Any:
         return value
     if tuple(value.shape) != tuple(param.shape):
         return value
-    return DTensor.from_local(
-        value,
-        param.device_mesh,
-        param.placements,
-        run_check=False,
-        shape=param.shape,
-        stride=param.stride(),
-    )
+    return shard_as_dtensor(value, param)
