@@ -71,6 +71,7 @@ def capture_repeated(
     ``capture`` returns, without its executable program.
     """
     started = time.perf_counter()
+    found = repeated_block_list(model)
 
     def traced(blocks: int | None) -> OpGraph:
         with _truncated(model, found[0] if found else "", blocks):
@@ -78,7 +79,6 @@ def capture_repeated(
                 model, example_inputs, loss_fn=loss_fn, targets=targets, dynamic_batch=dynamic_batch
             )
 
-    found = repeated_block_list(model)
     if found is None or found[1] < MIN_STAMPED_BLOCKS:
         return traced(None)
     path, count = found
@@ -86,8 +86,9 @@ def capture_repeated(
     check = traced(CHECK_BLOCKS)
     stamped_check = stamp(template, path, CHECK_BLOCKS)
     difference = (
-        "the stamping rules do not apply" if stamped_check is None else
-        graph_difference(stamped_check, check)
+        "the stamping rules do not apply"
+        if stamped_check is None
+        else graph_difference(stamped_check, check)
     )
     if difference:
         logger.info("tracing all %d blocks of %s: %s", count, path, difference)
@@ -95,7 +96,7 @@ def capture_repeated(
     graph = stamp(template, path, count)
     assert graph is not None  # the rules held for four blocks, so they hold for ``count``
     if template.batch_is_dynamic:
-        graph._rebuild = lambda batch: _restamped(template.at_batch(batch), path, count)
+        _rebuild_from(graph, template, path, count)
     graph.capture_time_s = time.perf_counter() - started
     logger.info(
         "captured %d blocks of %s from %d traced ones in %.2f s",
@@ -144,12 +145,18 @@ def _truncated(model: nn.Module, path: str, blocks: int | None) -> Iterator[None
         setattr(parent, attr, original)
 
 
-def _restamped(template: OpGraph, path: str, count: int) -> OpGraph:
-    graph = stamp(template, path, count)
-    if graph is None:
-        raise AssertionError(f"stamping {path} held at the example batch but not at this one")
-    graph._rebuild = lambda batch: _restamped(template.at_batch(batch), path, count)
-    return graph
+def _rebuild_from(graph: OpGraph, template: OpGraph, path: str, count: int) -> None:
+    """Make ``graph.at_batch`` re-derive the template at the batch and stamp it again."""
+
+    def rebuild(batch: int) -> OpGraph:
+        at_batch = template.at_batch(batch)
+        stamped = stamp(at_batch, path, count)
+        if stamped is None:
+            raise AssertionError(f"stamping {path} held at the example batch but not at {batch}")
+        _rebuild_from(stamped, at_batch, path, count)
+        return stamped
+
+    graph._rebuild = rebuild
 
 
 # ------------------------------------------------------------------------------------ stamping
