@@ -21,7 +21,7 @@ all-reduce, which no analytic formula predicts), and `link_efficiency` does not 
 A group spanning k hosts with g devices on each (n = k·g):
 
     all-reduce      = RS_intra(g, B) + AR_inter(k, B/g) + AG_intra(g, B)
-    all-gather      = (k−1)·α_inter + (n−k)·α_intra + (n−1)/n · B·max(β_inter/g, (g−1)/g·β_intra)
+    all-gather      = (n−1) · max(α_inter + B/n · β_inter/g,  α_intra + (g−1)/g · B/n · β_intra)
     reduce-scatter  = the same as all-gather (B = the full input)
     all-to-all      = (g−1)·α_intra + (g−1)/n · B·β_intra + (n−g)·α_inter + (n−g)/n · B·β_inter
     send/recv       = on the inter-host link
@@ -33,22 +33,25 @@ each run the inter-host all-reduce on 1/g of the data in parallel.
 All-gather and reduce-scatter have no hierarchical algorithm in the NCCL releases of the
 published A100 runs (2021; only all-reduce has a tree): they run as one flat ring over all n
 ranks, ordered host by host, with as many rings (channels) as a host has NICs, each leaving the
-host through a different NIC. (Later releases add PAT, for one GPU per host, and CollNet / NVLS
-with in-switch reduction; the model does not cover those.) Hence:
+host through a different NIC, each ring carrying 1/g of the data. (Later releases add PAT, for
+one GPU per host, and CollNet / NVLS with in-switch reduction; the model does not cover those.)
+The ring runs in n−1 steps; in each, every rank passes one chunk of B/n (B/(n·g) per ring) to
+its neighbour, and a rank can send step s only after receiving step s−1, so every step lasts as
+long as its slowest hop:
 
-* latency: a chunk travels n−1 hops round the ring, k−1 of them between hosts, so the ring pays
-  (k−1)·α_inter + (n−k)·α_intra. This is NCCL's own tuning model (`tuning.cc`: ring latency
-  `(nsteps − nInterSteps)·intraLat + nInterSteps·interLat`, `nInterSteps = nNodes − 1` for
-  all-gather / reduce-scatter). Unlike the two-phase (hierarchical) decomposition, which has
-  only (k−1) + (g−1) steps, it grows with the number of ranks n, not hosts. ZeRO-3 over every
-  GPU of a large cluster pays it per sharded parameter tensor four times a micro-batch under
-  full recomputation (all-gathers for the forward, the recomputed forward and the backward,
-  and the gradient's reduce-scatter);
-* bandwidth: every ring link carries (n−1)/n · B (spread over the rings). Each device sends 1/g
-  of that through its own NIC (the rings leaving the host by it) and (g−1)/g over NVLink, at
-  the same time, so the slower of the two is the time: max(β_inter/g, (g−1)/g · β_intra),
-  which on GPU hosts is the network's share, as in the inter-host phase of the two-phase form
-  (the intra-host phase overlaps the network instead of following it).
+* a hop between hosts: α_inter plus the ring's share B/(n·g) on the device's own NIC;
+* a hop inside a host: α_intra plus, on the device's NVLink, the chunks of the g−1 rings whose
+  next rank is on the same host, (g−1)/g · B/n.
+
+On GPU hosts the network hop is the slower one, so the ring pays (n−1)·α_inter of latency,
+growing with the number of ranks n, not hosts, and (n−1)/n · B · β_inter/g of bandwidth, the
+same per-device share as the inter-host phase of a two-phase algorithm. (NCCL's tuner,
+`tuning.cc`, instead adds the hop latencies along one chunk's path, (n−k)·α_intra +
+(k−1)·α_inter: right when latency is pure propagation, but each network step also occupies the
+link, the NIC and NCCL's proxy thread posting it, for its α, and all n−1 steps pass every hop.)
+ZeRO-3 over every GPU of a large cluster pays this per sharded parameter tensor four times a
+micro-batch under full recomputation (all-gathers for the forward, the recomputed forward and
+the backward, and the gradient's reduce-scatter).
 
 With g = 1 this is the flat ring on the inter-host link. (All-to-all: each device exchanges B/n
 bytes with its g−1 host peers over the intra-host link and its n−g remote peers over the
@@ -226,14 +229,16 @@ class CostModel:
         )
 
     def _flat_ring_time(self, collective: Collective, nbytes: float, axis: MeshAxis) -> float:
-        """NCCL's ring all-gather / reduce-scatter over k hosts × g devices (module docstring):
-        (k−1)·α_inter + (n−k)·α_intra + (n−1)/n · B · max(β_inter/g, (g−1)/g · β_intra)."""
-        k, g, n = axis.hosts, axis.devices_per_host, axis.size
+        """NCCL's ring all-gather / reduce-scatter over k hosts × g devices, paced by its
+        slowest hop (module docstring): (n−1) · max(α_inter + B/n · β_inter/g,
+        α_intra + (g−1)/g · B/n · β_intra)."""
+        g, n = axis.devices_per_host, axis.size
         alpha_intra, beta_intra = self._alpha_beta(collective, axis.intra_link)
         alpha_inter, beta_inter = self._alpha_beta(collective, axis.inter_link)
-        latency = (k - 1) * alpha_inter + (n - k) * alpha_intra
-        per_byte = max(beta_inter / g, (g - 1) / g * beta_intra)
-        return latency + ring_traffic(collective, n) * nbytes * per_byte
+        chunk = nbytes / n
+        network_hop = alpha_inter + chunk * beta_inter / g
+        host_hop = alpha_intra + (g - 1) / g * chunk * beta_intra
+        return ring_steps(collective, n) * max(network_hop, host_hop)
 
     def _exchange_time(self, peers: int, per_peer: float, link: Link) -> float:
         """`peers` pairwise exchanges of `per_peer` bytes on one link: peers·(α + per_peer·β)."""

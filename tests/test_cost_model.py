@@ -117,30 +117,45 @@ def test_hierarchical_collectives_two_hosts_two_devices_each():
     ag_intra = 1 * ai + 1 / 2 * b / bi
     ar_inter = 2 * 1 * ae + 2 * 1 / 2 * (b / 2) / be
     assert model.all_reduce_time(b, axis) == approx(rs_intra + ar_inter + ag_intra)
-    # all-gather / reduce-scatter: one flat ring over the 4 ranks, 1 hop between hosts and
-    # 2 inside them; each device sends 3/4·b, half through its NIC, half over NVLink
-    flat_ring = 1 * ae + 2 * ai + 3 / 4 * b * max(1 / be / 2, 1 / 2 / bi)
-    assert flat_ring == approx(ae + 2 * ai + 3 / 8 * b / be)  # the network is the bottleneck
+    # all-gather / reduce-scatter: one flat ring over the 4 ranks in 3 steps, each as slow as
+    # its slowest hop: a chunk of b/4, half of it (one of the 2 rings) through the device's
+    # NIC, the other half over NVLink
+    flat_ring = 3 * max(ae + b / 4 / 2 / be, ai + 1 / 2 * b / 4 / bi)
+    assert flat_ring == approx(3 * ae + 3 / 8 * b / be)  # the network is the bottleneck
     assert model.all_gather_time(b, axis) == approx(flat_ring)
     assert model.reduce_scatter_time(b, axis) == approx(flat_ring)
     # all-to-all: 1 peer on the host, 2 on the other host, b / 4 bytes each
     assert model.all_to_all_time(b, axis) == approx(1 * (ai + b / 4 / bi) + 2 * (ae + b / 4 / be))
 
 
-def test_zero3_all_gather_over_a_large_cluster_pays_a_hop_per_rank():
+def test_zero3_all_gather_over_a_large_cluster_pays_a_network_hop_per_rank():
     """GPT-3's 3h² QKV weight (h = 12288, fp16) gathered over all 1536 GPUs of 192 DGX hosts:
-    NCCL's ring takes 1535 hops, 191 of them between hosts (tuning.cc's nInterSteps)."""
+    NCCL's ring takes 1535 steps, each paced by its network hop (α_IB plus the ring's share of
+    the chunk on the device's NIC, one of 8 rings), not by the faster NVLink hops."""
     mesh = Cluster.from_spec("192x8xA100-80GB").logical_mesh((1536, 1))
-    ai, (ae, be) = NVLINK_A100[0], IB_A100
+    (ai, bi), (ae, be) = NVLINK_A100, IB_A100
     b = 3 * 12288**2 * 2.0
-    latency = 191 * ae + (1536 - 192) * ai
-    bandwidth = 1535 / 1536 * b / (8 * be)  # 8 NICs per host carry the rings
-    assert model.all_gather_time(b, mesh.axes[0]) == approx(latency + bandwidth)
-    assert model.reduce_scatter_time(b, mesh.axes) == approx(latency + bandwidth)
-    assert latency == pytest.approx(8.63e-3)
-    # half the ranks, half the hosts: about half the latency (it grows with ranks)
+    chunk = b / 1536
+    assert ae + chunk / 8 / be > ai + 7 / 8 * chunk / bi
+    expected = 1535 * (ae + chunk / 8 / be)
+    assert model.all_gather_time(b, mesh.axes[0]) == approx(expected)
+    assert model.reduce_scatter_time(b, mesh.axes) == approx(expected)
+    assert 1535 * ae == pytest.approx(15.35e-3)  # latency alone: 15 ms per collective
+    # half the ranks: half the latency (it grows with ranks, not hosts)
     small = Cluster.from_spec("96x8xA100-80GB").logical_mesh((768, 1)).axes[0]
-    assert model.all_gather_time(0.0, small) == approx(95 * ae + (768 - 96) * ai)
+    assert model.all_gather_time(0.0, small) == approx(767 * ae)
+
+
+def test_a_ring_step_waits_for_its_slowest_hop():
+    """With a network faster than NVLink (a made-up cluster), the NVLink hop paces the ring."""
+    fast_network = dataclasses.replace(
+        a100x2,
+        inter_host_link=dataclasses.replace(a100x2.inter_host_link, latency=1e-7, bandwidth=1e15),
+    )
+    axis = fast_network.logical_mesh((4, 4)).axes[0]  # k = 2, g = 2, n = 4
+    ai, bi = NVLINK_A100
+    b = float(GIB)
+    assert model.all_gather_time(b, axis) == approx(3 * (ai + 1 / 2 * b / 4 / bi))
 
 
 def test_fits_apply_per_link_of_a_flat_ring():
@@ -148,7 +163,7 @@ def test_fits_apply_per_link_of_a_flat_ring():
     axis = cluster.logical_mesh((4, 4)).axes[0]  # k = 2, g = 2
     ai, bi = NVLINK_A100
     b = float(GIB)
-    expected = 5e-4 + 2 * ai + 3 / 4 * b * max(2.6e-9 / 2, 1 / 2 / bi)
+    expected = 3 * max(5e-4 + b / 4 * 2.6e-9 / 2, ai + 1 / 2 * b / 4 / bi)
     assert model.reduce_scatter_time(b, axis) == approx(expected)
 
 
