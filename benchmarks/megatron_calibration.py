@@ -8,7 +8,9 @@ recomputation, interleaved 1F1B):
 * ``simulated s``: ``hap simulate`` of the published configuration (``manual.best_manual``
   over ``PublishedRun.configs``: table 1 does not give the micro-batch size, so the best one
   that fits is used, and neither table gives the interleaved chunks per rank, so the best
-  count that fits is used; both are printed);
+  count that fits is used; both are printed); the ZeRO-3 runs as DeepSpeed ran them
+  (``hap simulate --zero 3``: ``intra_op.zero``, weights that no dim splits evenly over the
+  ranks partitioned flat and padded);
 * ``error``: simulated / published − 1;
 * ``plan / pub``: the step time of the plan ``hap plan`` finds for the same model, cluster and
   global batch, over the published configuration's simulated time (target ≤ 1.00).
@@ -18,9 +20,8 @@ The cost model's efficiencies are ``CostModel``'s defaults, the same for every r
 
 Run: ``.venv/bin/python benchmarks/megatron_calibration.py [--rows T1,PTD] [--no-planner]``.
 All 21 rows with the planner take about 20 minutes on a 2-core machine (up to two minutes a
-row at 1,000+ GPUs); ``--no-planner`` about 5. A run that cannot be simulated prints why: the
-ZeRO-3 runs of the 530B model need parameters sharded 1120 or 2240 ways, which h = 20480 does
-not divide, and placements are even-only.
+row at 1,000+ GPUs); ``--no-planner`` about 5. A run that cannot be simulated prints why (the
+memory its smallest simulation needs).
 """
 
 from __future__ import annotations
@@ -82,12 +83,16 @@ def main() -> None:
         context = planning_context(
             graph, cluster, PlannerOptions(global_batch=run.global_batch), "fp16"
         )
-        best = best_manual(context, run.configs)
+        published = context
+        if run.zero_stage is not None:
+            options = PlannerOptions(global_batch=run.global_batch, zero_stage=run.zero_stage)
+            published = planning_context(graph, cluster, options, "fp16")
+        best = best_manual(published, run.configs)
         if best is None:
             print(
                 f"{run.name:24} {run.iteration_time_s:11.2f} {'no fit':>11}  {run.note}; ", end=""
             )
-            print(why_nothing_fits(context, run), flush=True)
+            print(why_nothing_fits(published, run), flush=True)
             continue
         config, _, simulation = best
         simulated = simulation.step_time_s

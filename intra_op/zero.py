@@ -27,7 +27,14 @@ gradient goes through the *optimizer shard*: the storage placement with axis 0 t
 
 Two rules follow DeepSpeed: ZeRO-3 leaves parameters of fewer than ``PERSISTENCE_THRESHOLD``
 elements unpartitioned (``stage3_param_persistence_threshold``; they get ZeRO-2's treatment),
-and a parameter no dim of which splits evenly over axis 0 is not partitioned at all.
+and partitions a parameter no dim of which splits evenly over axis 0 *flat*: DeepSpeed
+flattens it and pads it to a multiple of the ``dp`` ranks, so each holds ``⌈numel/dp⌉``
+elements (``padded_partitions``). Its placement is written ``Shard(d)`` on its largest dim and
+costed like an even shard, ``w/dp`` per device and an all-gather of ``w`` (the padding is
+under one element per rank). Gradients and optimizer states that ZeRO-1 / 2 (or ZeRO-3 below
+the threshold) partition are split the same padded way where no dim splits evenly. Only the
+cost model uses such placements: the planner's own search (no ``ZeroStage``) keeps to even
+ones, which the runtime executes.
 
 With ``tensor_parallel``, mesh axis 1 is held to tensor parallelism as Megatron-LM uses it:
 every weight matrix (a parameter of two or more dims) is split along axis 1 wherever it can
@@ -93,7 +100,10 @@ class ZeroStage:
         allowed = list(choices)
         if mesh_shape[DATA_AXIS] > 1:
             sharded = [p for p in allowed if isinstance(p[DATA_AXIS], Shard)]
-            if self.stage == 3 and meta.numel >= PERSISTENCE_THRESHOLD and sharded:
+            partitioned = self.stage == 3 and meta.numel >= PERSISTENCE_THRESHOLD
+            if partitioned:
+                sharded = sharded or padded_partitions(meta, allowed)
+            if partitioned and sharded:
                 allowed = sharded
             else:
                 allowed = [p for p in allowed if not isinstance(p[DATA_AXIS], Shard)]
@@ -149,18 +159,35 @@ class ZeroStage:
         return optimizer_shard(meta, stored, mesh_shape) is not None
 
 
+def padded_partitions(meta: TensorMeta, choices: Sequence[Placements]) -> list[Placements]:
+    """DeepSpeed's flat, padded partition over axis 0 of a tensor no dim of which splits evenly
+    there (module docstring), for each of ``choices`` replicated on axis 0: axis 0 set to
+    ``Shard(d)`` of the largest dim ``d`` (when no other axis shards ``d``)."""
+    if not meta.shape:
+        return []
+    largest = max(range(len(meta.shape)), key=lambda d: meta.shape[d])
+    return [
+        (Shard(largest), *p[1:])
+        for p in choices
+        if not isinstance(p[DATA_AXIS], Shard)
+        and all(not isinstance(q, Shard) or q.dim != largest for q in p[1:])
+    ]
+
+
 def optimizer_shard(
     meta: TensorMeta, stored: Placements, mesh_shape: Sequence[int]
 ) -> Placements | None:
     """``stored`` with axis 0 turned into ``Shard(d)`` for the first dim ``d`` that splits
-    evenly (``None`` when axis 0 has one device or no dim splits)."""
+    evenly, else DeepSpeed's padded partition (``None`` when axis 0 has one device, ``stored``
+    is sharded on it already, or the tensor is a scalar)."""
     if mesh_shape[DATA_AXIS] == 1 or isinstance(stored[DATA_AXIS], Shard):
         return None
     for dim in range(len(meta.shape)):
         candidate = (Shard(dim), *stored[1:])
         if is_valid(meta.shape, candidate, mesh_shape):
             return candidate
-    return None
+    padded = padded_partitions(meta, [stored])
+    return padded[0] if padded else None
 
 
 def _staged(grad: Placements, stored: Placements) -> Placements:

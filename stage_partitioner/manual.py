@@ -167,6 +167,9 @@ class PublishedRun:
     configs: tuple[ManualConfig, ...]
     """Candidates; the fastest that fits stands for the run (``best_manual``)."""
     note: str
+    zero_stage: int | None = None
+    """3 for the ZeRO-3 runs (DeepSpeed's, ``intra_op.zero``), ``None`` for PTD-P (Megatron's
+    own sharding, which the ILP finds on the ``(dp, tp)`` mesh)."""
 
 
 MEGATRON_SEQ = 2048
@@ -183,19 +186,26 @@ def megatron_sc21_runs() -> list[PublishedRun]:
     All runs use fp16, full recomputation and, with pipelining, the interleaved 1F1B schedule
     (the paper's setup); tensor parallelism inside a DGX A100 host, data parallelism across.
     Table 1 rows try ``PUBLISHED_MICRO_BATCHES``; table 2 gives the micro-batch size. ZeRO-3
-    rows are ``tp = pp = 1``, ``dp`` = every GPU: the ILP must shard parameters, gradients and
-    optimizer states over the data-parallel axis to fit.
+    rows are ``tp = pp = 1``, ``dp`` = every GPU, with ``zero_stage = 3``: parameters,
+    gradients and optimizer states sharded over the data-parallel axis as DeepSpeed does it,
+    parameters under its persistence threshold kept whole.
     """
     runs = []
     for row in read_data_csv("megatron_sc21_table1.csv"):
         runs.append(_published_run(row, f"T1 {float(row['params_b']):g}B", PUBLISHED_MICRO_BATCHES))
     for row in read_data_csv("megatron_sc21_table2.csv"):
         name = f"T2 {row['scheme']} {float(row['params_b']):g}B {row['gpus']}"
-        runs.append(_published_run(row, name, (int(row["micro_batch"]),)))
+        zero_stage = 3 if row["scheme"] == "ZeRO-3" else None
+        runs.append(_published_run(row, name, (int(row["micro_batch"]),), zero_stage))
     return runs
 
 
-def _published_run(row: dict[str, str], name: str, micro_batches: Sequence[int]) -> PublishedRun:
+def _published_run(
+    row: dict[str, str],
+    name: str,
+    micro_batches: Sequence[int],
+    zero_stage: int | None = None,
+) -> PublishedRun:
     gpus, tp, pp = int(row["gpus"]), int(row["tp"]), int(row["pp"])
     dp = gpus // (tp * pp)
     layers_per_rank = int(row["layers"]) // pp
@@ -218,4 +228,5 @@ def _published_run(row: dict[str, str], name: str, micro_batches: Sequence[int])
         iteration_time_s=float(row["iter_time_s"]),
         configs=configs,
         note=f"tp={tp} pp={pp} dp={dp}, {given}",
+        zero_stage=zero_stage,
     )

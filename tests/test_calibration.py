@@ -34,9 +34,8 @@ SEQ_HIDDEN = 2048 * 12288
 
 
 def context_for(graph, run: PublishedRun):
-    return planning_context(
-        graph, Cluster.from_spec(run.cluster), PlannerOptions(global_batch=run.global_batch), "fp16"
-    )
+    options = PlannerOptions(global_batch=run.global_batch, zero_stage=run.zero_stage)
+    return planning_context(graph, Cluster.from_spec(run.cluster), options, "fp16")
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +69,8 @@ def test_both_tables_are_read_with_their_configurations():
     assert {c.micro_batch_size for c in small.configs} == {1, 2, 4, 8}  # table 1 does not
     zero = RUNS["T2 ZeRO-3 174.6B 384"]
     assert {(c.tp, c.pp, c.dp, c.micro_batch_size) for c in zero.configs} == {(1, 1, 384, 4)}
+    assert [r.zero_stage for r in RUNS.values()].count(3) == 5  # DeepSpeed's ZeRO-3 rows
+    assert GPT3.zero_stage is None
 
 
 def test_smallest_table1_run_is_within_tolerance():
@@ -176,8 +177,9 @@ def zero3_1536(gpt3):
 
 
 def test_zero3_run_shards_every_weight_over_all_gpus(zero3_1536):
-    """tp = pp = 1 on 1536 GPUs: 175B parameters at 18 bytes cannot be replicated, so the ILP
-    shards parameters, gradients and optimizer states over the data-parallel axis (ZeRO-3)."""
+    """tp = pp = 1 on 1536 GPUs with ZeRO-3: parameters, gradients and optimizer states are
+    sharded over the data-parallel axis, except those under DeepSpeed's persistence
+    threshold."""
     context, config, candidate, simulation = zero3_1536
     assert (config.tp, config.pp, config.dp) == (1, 1, 1536)
     assert candidate.num_microbatches == 1
@@ -189,31 +191,64 @@ def test_zero3_run_shards_every_weight_over_all_gpus(zero3_1536):
             if name.endswith("proj.weight"):
                 assert placement[0].startswith("S(")
     # 18 bytes per parameter (fp16 weight and fp32 gradient, master, two moments): matrices and
-    # embeddings sharded 1536 ways; biases and LayerNorm vectors (13h per block) replicated,
-    # the faster choice while memory allows
+    # embeddings sharded 1536 ways; biases and LayerNorm vectors (13h per block, each under
+    # 10^5 elements) keep their fp16 weight whole, the other 16 bytes sharded (ZeRO-2)
     h, layers, vocab, seq = 12288, 96, 51200, 2048
     sharded = 12 * h * h * layers + (vocab + seq) * h
-    replicated = 13 * h * layers + 2 * h
+    persistent = 13 * h * layers + 2 * h
     memory = simulation.memory[0]
     state = memory.parameters + memory.gradients + memory.optimizer
-    assert state == pytest.approx(18 * (sharded / 1536 + replicated), rel=0.01)
+    expected = 18 * sharded / 1536 + 2 * persistent + 16 * persistent / 1536
+    assert state == pytest.approx(expected, rel=0.01)
 
 
 def test_zero3_gathers_each_weight_three_times_per_micro_batch_on_one_flat_ring(zero3_1536):
     """ZeRO-3 with full recomputation on 1536 GPUs (192 DGX hosts), one micro-batch of one
     sequence per GPU. Per block, the four weight matrices (12h² fp16 values) are all-gathered
     for the forward, again for the recomputed forward and again for the backward, and their
-    gradients reduce-scattered; each collective is NCCL's flat ring over all 1536 ranks:
-    191·α_IB + 1344·α_NVLink + (n−1)/n · bytes / (8 NICs · 25 GB/s · 0.8). Hand-derived against
-    the roofline GEMM time of a block, 24·s·h²·(1 + s/6h) FLOPs at 0.6 × 312 TFLOP/s (what the
-    roofline adds for memory-bound ops is a few per cent)."""
+    fp32 gradients reduce-scattered; each collective is NCCL's flat ring over all 1536 ranks,
+    1535 steps each paced by its network hop: α_IB + (bytes / 1536) / (8 rings · 25 GB/s · 0.8).
+    Hand-derived against the roofline GEMM time of a block, 24·s·h²·(1 + s/6h) FLOPs at
+    0.6 × 312 TFLOP/s (what the roofline adds for memory-bound ops, and the small vectors'
+    gradients, are a few per cent)."""
     _, _, _, simulation = zero3_1536
-    h, s, blocks, n, hosts = 12288, 2048, 96, 1536, 192
-    latency = (hosts - 1) * 10e-6 + (n - hosts) * 5e-6
-    per_byte = (n - 1) / n / (8 * 25e9 * 0.8)
-    gather = sum(latency + per_byte * 2 * h * h * c for c in (3, 1, 4, 4))
+    h, s, blocks, n = 12288, 2048, 96, 1536
+
+    def collectives(bytes_per_value: int) -> float:
+        chunks = [bytes_per_value * h * h * c / n for c in (3, 1, 4, 4)]
+        return sum((n - 1) * (10e-6 + chunk / (8 * 25e9 * 0.8)) for chunk in chunks)
+
+    gather, reduce_scatter = collectives(2), collectives(4)
     compute = 24 * s * h * h * (1 + s / (6 * h)) / (312e12 * 0.6)
     (stage,) = simulation.stages
     assert stage.forward_s == pytest.approx(blocks * (compute + gather), rel=0.05)
     # recomputed forward (compute + gather) + backward (2 × compute, gather, reduce-scatter)
-    assert stage.backward_s == pytest.approx(blocks * 3 * (compute + gather), rel=0.03)
+    backward = (compute + gather) + (2 * compute + gather + reduce_scatter)
+    assert stage.backward_s == pytest.approx(blocks * backward, rel=0.05)
+
+
+def test_zero3_partitions_weights_no_dim_of_which_splits_flat_and_padded():
+    """GPT 530B on 2240 GPUs: no dim of its weights (multiples of h = 20480 = 2^12·5) splits
+    evenly over 2240 = 2^6·5·7 ranks, so DeepSpeed flattens and pads every weight: each GPU
+    holds 1/2240 of it, 18 bytes per parameter over 2240 for the matrices and embeddings.
+    The vectors under the persistence threshold keep their fp16 weight whole and have the other
+    16 bytes split the same padded way (ZeRO-2)."""
+    run = RUNS["T2 ZeRO-3 529.6B 2240"]
+    graph = capture_spec(run.model, seq=None, precision="fp16")
+    context = context_for(graph, run)
+    config, candidate, simulation = best_manual(context, run.configs)
+    assert (config.dp, config.micro_batch_size) == (2240, 1)
+    option = candidate.options[0]
+    for part in candidate.layers[5].parts:
+        cost = context.solver.cost(part, candidate.microbatch, option.mesh, option.level)
+        for name, placement in cost.param_placements.items():
+            if name.endswith("proj.weight"):
+                assert placement[0].startswith("S(")
+    h, layers, vocab, seq = 20480, 105, 51200, 2048
+    sharded = 12 * h * h * layers + (vocab + seq) * h
+    persistent = 13 * h * layers + 2 * h
+    memory = simulation.memory[0]
+    state = memory.parameters + memory.gradients + memory.optimizer
+    expected = 18 * sharded / 2240 + 2 * persistent + 16 * persistent / 2240
+    assert state == pytest.approx(expected, rel=0.01)
+    assert simulation.peak_memory_bytes <= context.budget

@@ -57,3 +57,47 @@ def test_profile_bad_model_spec_is_a_clear_error(argv, message, capsys):
     err = capsys.readouterr().err
     assert err.startswith("hap: error:")
     assert message in err
+
+
+SIMULATE = [
+    "simulate",
+    "--model",
+    "gpt:layers=2,hidden=512,heads=8,vocab=1024,seq=64",
+    "--cluster",
+    "2x4xA100-80GB",
+    "--global-batch",
+    "16",
+    "--tp",
+    "1",
+    "--pp",
+    "1",
+    "--dp",
+    "8",
+    "--micro-batch-size",
+    "2",
+    "--json",
+]
+
+
+def test_simulate_zero3_shards_large_parameters_over_the_data_parallel_axis(capsys):
+    """With ``--zero 3`` every weight of at least 10^5 elements is stored sharded on mesh axis 0
+    (DeepSpeed's persistence threshold keeps the smaller ones whole); without it the ILP, with
+    memory to spare, replicates them."""
+    assert main([*SIMULATE, "--zero", "3"]) == 0
+    zero3 = json.loads(capsys.readouterr().out)
+    assert main(SIMULATE) == 0
+    free = json.loads(capsys.readouterr().out)
+    (stage,) = zero3["stages"]
+    big = {"blocks.0.mlp.up_proj.weight", "blocks.0.attn.qkv_proj.weight"}
+    assert big <= stage["param_placements"].keys()
+    for name in big:
+        assert stage["param_placements"][name][0].startswith("S(")
+        assert free["stages"][0]["param_placements"][name][0] == "R"
+    assert stage["param_placements"]["blocks.0.attn_norm.weight"][0] == "R"
+    assert "ZeRO-3 over the data-parallel axis" in zero3["notes"]
+    assert zero3["peak_memory_bytes_per_device"] < free["peak_memory_bytes_per_device"]
+
+
+def test_simulate_rejects_zero_with_a_plan_file(tmp_path, capsys):
+    assert main(["simulate", str(tmp_path / "plan.json"), "--zero", "3"]) == 2
+    assert "--zero applies to a manual configuration" in capsys.readouterr().err

@@ -45,6 +45,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--virtual-stages", type=int, default=1, help="chunks per rank (interleaved)"
     )
+    parser.add_argument(
+        "--zero",
+        type=int,
+        choices=(0, 1, 2, 3),
+        default=None,
+        help=(
+            "hold parameters to a ZeRO stage over the data-parallel axis, as DeepSpeed runs it "
+            "(default: the ILP chooses each parameter's sharding)"
+        ),
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)
 
@@ -57,6 +67,13 @@ def run(args: argparse.Namespace) -> int:
     from stage_partitioner.simulator import candidate_from_plan
 
     if args.plan is not None:
+        if args.zero is not None:
+            from hierarchical_ap.errors import HapError
+
+            raise HapError(
+                "--zero applies to a manual configuration; a plan file already fixes every "
+                "parameter's sharding (drop --zero, or give --tp --pp --dp instead of the plan)"
+            )
         saved = ParallelPlan.load(args.plan)
         from hierarchical_ap.cluster import Cluster
 
@@ -84,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
         )
         cluster = cluster_from_text(args.cluster)
         options = PlannerOptions(
-            global_batch=args.global_batch, memory_fraction=args.memory_fraction
+            global_batch=args.global_batch,
+            memory_fraction=args.memory_fraction,
+            zero_stage=args.zero,
         )
         with _progress():
             graph = capture_spec(args.model, seq=args.seq, precision=args.precision)
@@ -97,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{config.describe()} has a stage with no sharding on its mesh; change tp or dp"
             )
         candidate, simulation = result
-        model, precision, notes = args.model, args.precision, (config.describe(),)
+        zero = () if args.zero is None else (f"ZeRO-{args.zero} over the data-parallel axis",)
+        model, precision, notes = args.model, args.precision, (config.describe(), *zero)
     plan = to_parallel_plan(
         candidate,
         simulation,
