@@ -178,6 +178,21 @@ class CostGraph:
         )
 
 
+def parameter_state_bytes(
+    meta: TensorMeta,
+    stored: Placements,
+    mesh_shape: Sequence[int],
+    training_memory: TrainingMemory,
+    zero: ZeroStage | None = None,
+) -> float:
+    """Training state of one parameter per device when stored as ``stored``: its bytes times
+    ``1 + gradient_factor + optimizer_factor`` over the shard factor, or as ``zero`` splits it."""
+    factors = (training_memory.gradient_factor, training_memory.optimizer_factor)
+    if zero is not None:
+        return zero.state_bytes(meta, stored, mesh_shape, *factors).total
+    return meta.nbytes * (1 + sum(factors)) / shard_factor(stored, mesh_shape)
+
+
 def candidate_placements(meta: TensorMeta, mesh_shape: Sequence[int]) -> list[Placements]:
     """Every valid placement of a tensor that only replicates or shards (no Partial)."""
     per_axis = [
@@ -223,15 +238,11 @@ def build_cost_graph(
             if fqn in param_groups:  # tied weights: one decision for every placeholder
                 group = param_groups[fqn]
             else:
-                factors = (training_memory.gradient_factor, training_memory.optimizer_factor)
-                state = meta.nbytes * (1 + sum(factors))
                 group = builder.new_group(
                     np.array([TIE_BREAK_S * (shard_factor(p, mesh_shape) > 1) for p in outputs]),
                     np.array(
                         [
-                            state / shard_factor(p, mesh_shape)
-                            if zero is None
-                            else zero.state_bytes(meta, p, mesh_shape, *factors).total
+                            parameter_state_bytes(meta, p, mesh_shape, training_memory, zero)
                             for p in outputs
                         ]
                     ),

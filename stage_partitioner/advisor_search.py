@@ -64,7 +64,7 @@ from stage_partitioner.advisor import (
 from stage_partitioner.layers import LayerPart, PlanningLayer, block_layers
 from stage_partitioner.manual import manual_candidates
 from stage_partitioner.planner import PlanningContext, plan_in_context, submesh_of
-from stage_partitioner.simulator import Simulation, Simulator
+from stage_partitioner.simulator import SharedParameters, Simulation, Simulator
 from stage_partitioner.stage_costs import (
     MEMORY_LEVELS,
     MeshChoice,
@@ -205,6 +205,10 @@ class _LayerCosts:
     parameters: np.ndarray
     gradients: np.ndarray
     optimizer: np.ndarray
+    duplicates: np.ndarray
+    """``[level, (parameters, gradients, optimizer)]``: state the sums count more than once
+    when one rank holds every layer (a parameter several parts read, all copies but the
+    largest; ``simulator.SharedParameters``)."""
     levels: list[int]
     """Distinct levels (a level whose answers are the previous level's is left out)."""
 
@@ -251,6 +255,7 @@ class _Search:
         self.simulators = {
             z: Simulator(self.graph, context.cluster, s) for z, s in self.solvers.items()
         }
+        self.shared = SharedParameters(self.graph)
         self.seq = _sequence_length(self.graph) or 1
         self._flops = _layer_compute_seconds(self.graph, self.layers, context)
         self._floors: dict[tuple, float] = {}
@@ -411,21 +416,28 @@ class _Search:
         memory = self.context.training_memory
         factors = (memory.gradient_factor, memory.optimizer_factor)
         stage = self.solvers[zero].zero
+
+        def least_state(fqn: str) -> float:
+            meta = self.graph.param_shapes[fqn]
+            choices = candidate_placements(meta, mesh_shape)
+            return min(
+                stage.state_bytes(meta, p, mesh_shape, *factors).total
+                for p in stage.storage_choices(meta, choices, mesh_shape)
+            )
+
         floors = np.zeros(len(self.layers))
+        counted: set[str] = set()
         for index, layer in enumerate(self.layers):
             for part in layer.parts:
+                shared = {fqn for fqn, _ in self.shared.of(part)}
                 key = (part.kind, mesh_shape, zero)
                 if key not in self._part_floors:
-                    total = 0.0
-                    for fqn in sorted({q for n in part.nodes for q in self.graph.nodes[n].params}):
-                        meta = self.graph.param_shapes[fqn]
-                        choices = candidate_placements(meta, mesh_shape)
-                        total += min(
-                            stage.state_bytes(meta, p, mesh_shape, *factors).total
-                            for p in stage.storage_choices(meta, choices, mesh_shape)
-                        )
-                    self._part_floors[key] = total
+                    fqns = {q for n in part.nodes for q in self.graph.nodes[n].params} - shared
+                    self._part_floors[key] = sum(least_state(fqn) for fqn in sorted(fqns))
                 floors[index] += self._part_floors[key]
+                # a parameter several parts read counts once, with its first reader
+                floors[index] += sum(least_state(fqn) for fqn in sorted(shared - counted))
+                counted |= shared
         return floors
 
     def _compute_floor(self, config: Configuration) -> float:
@@ -476,13 +488,18 @@ class _Search:
         split = [
             _chunk_sums(a, chunks) for a in (costs.parameters, costs.gradients, costs.optimizer)
         ]
+        # one rank holding every chunk holds each shared parameter once
+        duplicates = costs.duplicates if pp == 1 else np.zeros_like(costs.duplicates)
         in_flight = self._in_flight_of(config, microbatches)
         fitting, smallest = [], math.inf
         for level in costs.levels:
             memory = max(
                 (
                     MemoryPerDevice(
-                        *(float(a[level, r::pp].sum()) for a in split),
+                        *(
+                            float(a[level, r::pp].sum()) - duplicates[level, k]
+                            for k, a in enumerate(split)
+                        ),
                         activations=in_flight[r] * float(kept[level, r::pp].mean())
                         + float(extra[level, r::pp].max()),
                     )
@@ -526,6 +543,7 @@ class _Search:
     def _build_layer_costs(self, zero: int, b: int, mesh: MeshChoice) -> _LayerCosts | None:
         solver = self.solvers[zero]
         arrays = {name: np.zeros((MEMORY_LEVELS, len(self.layers))) for name in _ARRAYS}
+        duplicates = np.zeros((MEMORY_LEVELS, 3))
         levels: list[int] = []
         previous: list[PartCost | None] = []
         for level in range(MEMORY_LEVELS):
@@ -552,7 +570,33 @@ class _Search:
                     arrays["parameters"][level, index] += split[0]
                     arrays["gradients"][level, index] += split[1]
                     arrays["optimizer"][level, index] += split[2]
-        return _LayerCosts(**arrays, levels=levels)
+            duplicates[level] = self._duplicate_split(answers, mesh, zero)
+        return _LayerCosts(**arrays, duplicates=duplicates, levels=levels)
+
+    def _duplicate_split(
+        self, answers: list[list[PartCost]], mesh: MeshChoice, zero: int
+    ) -> tuple[float, float, float]:
+        """State counted more than once when one rank holds every layer (``_LayerCosts``)."""
+        memory = self.context.training_memory
+        stage = self.solvers[zero].zero
+        copies: dict[str, list[tuple[float, float, float]]] = {}
+        for layer, costs in zip(self.layers, answers, strict=True):
+            for part, cost in zip(layer.parts, costs, strict=True):
+                for fqn, key in self.shared.of(part):
+                    state = stage.state_bytes(
+                        self.graph.param_shapes[fqn],
+                        _placements(cost.param_placements[key]),
+                        mesh.logical,
+                        memory.gradient_factor,
+                        memory.optimizer_factor,
+                    )
+                    copies.setdefault(fqn, []).append(
+                        (state.parameters, state.gradients, state.optimizer)
+                    )
+        total = np.zeros(3)
+        for states in copies.values():
+            total += np.sum(states, axis=0) - np.array(max(states, key=sum))
+        return float(total[0]), float(total[1]), float(total[2])
 
     def _state_split(
         self, part: LayerPart, cost: PartCost, mesh: MeshChoice, zero: int, where: tuple

@@ -37,6 +37,7 @@ from hierarchical_ap.graph import OpGraph
 from hierarchical_ap.plan import ParallelPlan, PlanLayer, PlanStage, model_fingerprint
 from hierarchical_ap.schedules import makespan_lower_bound
 from intra_op.cost_graph import TrainingMemory
+from intra_op.zero import ZeroStage
 from stage_partitioner import dp
 from stage_partitioner.layers import PlanningLayer, block_layers, planning_layers
 from stage_partitioner.search import dp_arrays
@@ -75,6 +76,9 @@ class PlannerOptions:
     relative_epsilon: float = 0.005
     workers: int | None = None
     time_limit_s: float = 30.0
+    zero_stage: int | None = None
+    """A ZeRO stage (0–3) every stage's parameters are held to on mesh axis 0
+    (``intra_op.zero``); ``None``: the ILP chooses each parameter's storage itself."""
 
 
 @dataclass
@@ -100,6 +104,7 @@ class PlanningContext:
             device_budget=self.budget,
             workers=self.options.workers,
             time_limit_s=self.options.time_limit_s,
+            zero=None if self.options.zero_stage is None else ZeroStage(self.options.zero_stage),
         )
         self.simulator = Simulator(self.graph, self.cluster, self.solver)
 
@@ -276,19 +281,19 @@ def _screen(table, q, ranges, pp, v, num_microbatches, budget) -> float | None:
     Rank 0 keeps ``pp`` micro-batches in flight under 1F1B, ``pp·(1 + (pp−1)/(pp·v))`` under
     interleaving (Korthikanti et al., §4.2.3), each holding its chunks' activations."""
     rank_time = np.zeros(pp)
-    rank_state = np.zeros(pp)
     rank_act = np.zeros(pp)
     rank_extra = np.zeros(pp)
+    rank_layers: list[list[int]] = [[] for _ in range(pp)]
     for chunk, (first, last) in enumerate(ranges):
         rank = chunk % pp
         rank_time[rank] += table.time[first : last + 1, q].sum()
-        rank_state[rank] += table.state[first : last + 1, q].sum()
+        rank_layers[rank].extend(range(first, last + 1))
         rank_act[rank] += table.activation[first : last + 1, q].sum()
         rank_extra[rank] = max(rank_extra[rank], table.peak_extra[first : last + 1, q].max())
     if not np.all(np.isfinite(rank_time)):
         return None
     in_flight = min(pp, num_microbatches) * (1 + (pp - 1) / (pp * v) if v > 1 else 1)
-    if rank_state[0] + in_flight * rank_act[0] + rank_extra[0] > budget:
+    if table.state_of(rank_layers[0], q) + in_flight * rank_act[0] + rank_extra[0] > budget:
         return None
     return float((rank_time.sum() + (v * num_microbatches - 1) * rank_time.max()) / v)
 

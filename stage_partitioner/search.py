@@ -73,7 +73,7 @@ def dp_arrays(
 ) -> DpArrays:
     """Pareto-reduced DP arrays of ``table`` (see the module docstring)."""
     time = table.range_sum(table.time)
-    state = table.range_sum(table.state)
+    state = table.range_state()
     activation = table.range_sum(table.activation)
     extra = table.range_max(table.peak_extra)
     succ = max_successors(state, activation, extra, budget, num_microbatches, schedule)

@@ -15,7 +15,11 @@ and recomputation), a micro-batching and a schedule. Its prediction:
 
 * memory per device of stage ``i`` on rank ``r``: training state plus the activations of the
   micro-batches the schedule keeps in flight on ``r`` (``schedules.in_flight``), plus what a
-  recomputed layer needs while it runs.
+  recomputed layer needs while it runs. A parameter several parts of the rank read (tied
+  input and output embeddings with one pipeline rank) is held once: each part's ILP counts
+  it, so the state of all copies but the largest is taken off,
+
+      state_r = Σ_{parts p on r} state_p − Σ_{shared w} (Σ_p state_p(w) − max_p state_p(w)).
 
 ``predicted_tflops_per_device`` counts model FLOPs (no recomputation): the graph's training
 FLOPs for the global batch over the step time and the devices.
@@ -32,7 +36,7 @@ from hierarchical_ap.cluster import Cluster
 from hierarchical_ap.graph import OpGraph
 from hierarchical_ap.plan import MemoryBreakdown
 from stage_partitioner.layers import PlanningLayer
-from stage_partitioner.stage_costs import PartSolver, StageOption, _graph_at
+from stage_partitioner.stage_costs import PartSolver, SharedParameters, StageOption, _graph_at
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ class Simulator:
         self.solver = solver
         self.cost = solver.cost_model
         self._boundaries: dict[tuple, float] = {}
+        self.shared = SharedParameters(graph)
 
     def ensure_solved(self, candidate: Candidate) -> None:
         """Run the ILPs a candidate needs that the solver has not cached yet."""
@@ -160,14 +165,31 @@ class Simulator:
             end = max((t.end for t in timed), default=0.0)
             sync = sum(e.gradient_sync_s for i, e in enumerate(estimates) if i % ranks == rank)
             step = max(step, end + sync)
+        shared = [self._duplicate_state_bytes(candidate, rank) for rank in range(ranks)]
         memory = tuple(
-            _memory(self.solver, estimates, i, ranks, in_flight[i % ranks])
+            _memory(self.solver, estimates, i, ranks, in_flight[i % ranks], shared[i % ranks])
             for i in range(len(estimates))
         )
         flops = _graph_at(self.graph, candidate.microbatch).train_flops
         total_flops = flops * candidate.num_microbatches
         tflops = total_flops / step / self.cluster.num_devices / 1e12 if step > 0 else 0.0
         return Simulation(step, tuple(estimates), memory, timeline, tflops)
+
+    def _duplicate_state_bytes(self, candidate: Candidate, rank: int) -> float:
+        """State that rank ``rank``'s parts count more than once (module docstring)."""
+        copies: dict[str, list[float]] = {}
+        for index in range(rank, len(candidate.ranges), candidate.num_ranks):
+            first, last = candidate.ranges[index]
+            option = candidate.options[index]
+            for layer in candidate.layers[first : last + 1]:
+                for part in layer.parts:
+                    names = self.shared.of(part)
+                    if not names:
+                        continue
+                    cost = self.solver.cost(part, candidate.microbatch, option.mesh, option.level)
+                    for fqn, key in names:
+                        copies.setdefault(fqn, []).append(cost.param_state_bytes[key])
+        return sum(sum(c) - max(c) for c in copies.values())
 
     def _send_time(self, candidate: Candidate, index: int) -> float:
         if index + 1 >= len(candidate.ranges):
@@ -198,10 +220,12 @@ def _memory(
     index: int,
     ranks: int,
     in_flight: int,
+    duplicate_state: float,
 ) -> MemoryBreakdown:
-    """Peak per device of stage ``index``'s rank: all of the rank's chunks share the devices."""
+    """Peak per device of stage ``index``'s rank: all of the rank's chunks share the devices;
+    ``duplicate_state``: state its parts count more than once."""
     own = [e for i, e in enumerate(estimates) if i % ranks == index % ranks]
-    state = sum(e.state_bytes for e in own)
+    state = sum(e.state_bytes for e in own) - duplicate_state
     per_chunk = sum(e.activation_bytes for e in own) / len(own)
     activations = in_flight * per_chunk + max(e.extra_bytes for e in own)
     factors = solver.training_memory

@@ -8,7 +8,9 @@ submesh viewed as the logical mesh ``(d, t)`` takes, per micro-batch,
 
 and holds per device
 
-    state[k, j]      = Σ_p ILP(p).state_bytes                (parameters, gradients, optimizer)
+    state[k, j]      = Σ_p ILP(p).state_bytes                (parameters, gradients, optimizer;
+                       − Σ_w (Σ_p s_p(w) − max_p s_p(w))     a parameter w several parts read,
+                                                             tied embeddings, held once)
     act[k, j]        = Σ_p ILP(p).activation_bytes           (kept per micro-batch in flight)
     act_full[k, j]   = Σ_p input_bytes(p) / d + max_p ILP(p).activation_bytes
                                                   (full recomputation: each layer keeps its
@@ -49,7 +51,12 @@ from hierarchical_ap.cluster import Cluster, LogicalMesh
 from hierarchical_ap.cost_model import CostModel
 from hierarchical_ap.errors import NoFeasiblePlanError
 from hierarchical_ap.graph import OpGraph
-from intra_op.cost_graph import CostGraph, TrainingMemory, build_cost_graph
+from intra_op.cost_graph import (
+    CostGraph,
+    TrainingMemory,
+    build_cost_graph,
+    parameter_state_bytes,
+)
 from intra_op.ilp import IlpSession
 from intra_op.placement import Placements, Shard
 from intra_op.solve import solve_cost_graph
@@ -89,6 +96,9 @@ class PartCost:
     """Activation inputs from outside the part, per device (what full recomputation keeps)."""
     param_placements: dict[str, tuple[str, ...]]
     """Parameter name relative to the part's module layer → placement strings per mesh axis."""
+    param_state_bytes: dict[str, float]
+    """The same names → that parameter's training state per device (``state_bytes`` is their
+    sum)."""
 
     @property
     def memory_bytes(self) -> float:
@@ -256,6 +266,7 @@ class PartSolver:
         except NoFeasiblePlanError:
             return None
         prefix = part.prefix
+        mesh_shape = tuple(part.mesh.shape)
         return PartCost(
             time_s=solution.cost_s,
             forward_time_s=solution.forward_time_s,
@@ -265,6 +276,12 @@ class PartSolver:
             input_bytes=part.input_bytes,
             param_placements={
                 fqn[len(prefix) :]: placement_strings(p)
+                for fqn, p in solution.param_placements.items()
+            },
+            param_state_bytes={
+                fqn[len(prefix) :]: parameter_state_bytes(
+                    part.graph.param_shapes[fqn], p, mesh_shape, self.training_memory, self.zero
+                )
                 for fqn, p in solution.param_placements.items()
             },
         )
@@ -326,6 +343,33 @@ def _external_input_bytes(graph: OpGraph, nodes: Sequence[str]) -> float:
     return float(sum(graph.value_bytes(v) for v in outside))
 
 
+class SharedParameters:
+    """The parameters each part reads that other nodes of the graph read too (tied input and
+    output embeddings): each part's ILP counts them, a device holding both parts holds one."""
+
+    def __init__(self, graph: OpGraph) -> None:
+        self.graph = graph
+        readers: dict[str, int] = {}
+        for node in graph.nodes.values():
+            for fqn in node.params:
+                readers[fqn] = readers.get(fqn, 0) + 1
+        self._read_twice = frozenset(fqn for fqn, count in readers.items() if count > 1)
+        self._names: dict[LayerPart, tuple[tuple[str, str], ...]] = {}
+
+    def of(self, part: LayerPart) -> tuple[tuple[str, str], ...]:
+        """``(fqn, name in the part's costs)`` of the shared parameters ``part`` reads."""
+        if part not in self._names:
+            fqns = {
+                fqn
+                for name in part.nodes
+                for fqn in self.graph.nodes[name].params
+                if fqn in self._read_twice
+            }
+            prefix = layer_prefix(self.graph, part.nodes) if fqns else ""
+            self._names[part] = tuple((f, f[len(prefix) :]) for f in sorted(fqns))
+        return self._names[part]
+
+
 @dataclass
 class StageCostTable:
     """Per planning layer and stage option: time and memory (see the module docstring).
@@ -343,6 +387,26 @@ class StageCostTable:
     activation: np.ndarray
     peak_extra: np.ndarray
     """Per layer: activations live beyond the kept ones (a layer being recomputed)."""
+    shared_state: dict[str, np.ndarray]
+    """Per parameter that several parts read (``SharedParameters``): its state in each
+    layer's ``state``, ``[layer, option]`` (0 where the layer does not read it)."""
+
+    def range_state(self) -> np.ndarray:
+        """``range_sum(state)`` with each shared parameter held once per range: all copies
+        but the largest taken off, ``Σ_l s_l(w) − max_l s_l(w)`` over the range's layers."""
+        out = self.range_sum(self.state)
+        for copies in self.shared_state.values():
+            total, largest = self.range_sum(copies), self.range_max(copies)
+            out -= np.where(np.isfinite(total), total - largest, 0.0)
+        return out
+
+    def state_of(self, layers: Sequence[int], q: int) -> float:
+        """State of one device holding ``layers`` under option ``q``, each parameter once."""
+        total = float(self.state[layers, q].sum())
+        for copies in self.shared_state.values():
+            held = copies[layers, q]
+            total -= float(held.sum() - held.max())
+        return total
 
     def range_sum(self, array: np.ndarray) -> np.ndarray:
         """``out[k, j, q] = Σ_{l=k..j} array[l, q]`` (``inf`` where ``j < k``)."""
@@ -378,6 +442,8 @@ def build_table(
     ]
     shape = (len(layers), len(options))
     time, forward, sync, state, activation, extra = (np.zeros(shape) for _ in range(6))
+    shared = SharedParameters(solver.graph)
+    shared_state: dict[str, np.ndarray] = {}
     for q, option in enumerate(options):
         for index, layer in enumerate(layers):
             costs = [solver.cost(p, microbatch, option.mesh, option.level) for p in layer.parts]
@@ -388,6 +454,10 @@ def build_table(
             forward[index, q] = sum(c.forward_time_s for c in costs)
             sync[index, q] = sum(c.gradient_sync_s for c in costs)
             state[index, q] = sum(c.state_bytes for c in costs)
+            for part, cost in zip(layer.parts, costs, strict=True):
+                for fqn, key in shared.of(part):
+                    copies = shared_state.setdefault(fqn, np.zeros(shape))
+                    copies[index, q] += cost.param_state_bytes[key]
             kept = sum(c.activation_bytes for c in costs)
             if option.recompute == "full":
                 time[index, q] += forward[index, q]
@@ -396,7 +466,7 @@ def build_table(
             else:
                 activation[index, q] = kept
     return StageCostTable(
-        layers, microbatch, options, time, forward, sync, state, activation, extra
+        layers, microbatch, options, time, forward, sync, state, activation, extra, shared_state
     )
 
 

@@ -33,6 +33,7 @@ from stage_partitioner.advisor import (
     recommend,
 )
 from stage_partitioner.advisor_search import AdvisorOptions, advise, price_all
+from stage_partitioner.manual import ManualConfig, simulate_manual
 from stage_partitioner.model_planning import capture_spec, planning_context
 from stage_partitioner.planner import PlannerOptions
 from stage_partitioner.what_if import apply_what_if, parse_what_if
@@ -163,6 +164,32 @@ def test_zero_storage_choices_follow_the_stage_and_tensor_parallelism():
         )
 
 
+def test_zero_partitions_a_weight_no_dim_of_which_splits_flat_and_padded():
+    """DeepSpeed pads a flattened weight to a multiple of the ranks: 7 ranks split no dim of
+    a 768 × 256 weight, yet every ZeRO-3 storage choice shards it on its largest dim, costed
+    as 1/7 of it per device; ZeRO-1 and 2 pad the optimizer (and gradient) shard the same way."""
+    weight = _meta((768, 256))
+    mesh = (7, 1)
+    choices = candidate_placements(weight, mesh)
+    assert all(isinstance(p[0], Replicate) for p in choices)  # nothing even to choose
+    assert ZeroStage(3).storage_choices(weight, choices, mesh) == [(Shard(0), Replicate())]
+    stored = (Shard(0), Replicate())
+    state = ZeroStage(3).state_bytes(weight, stored, mesh, 1.0, 2.0)
+    assert state.total == pytest.approx(weight.nbytes * 4 / 7)
+    replicated = (Replicate(), Replicate())
+    zero2 = ZeroStage(2).state_bytes(weight, replicated, mesh, 1.0, 2.0)
+    assert (zero2.parameters, zero2.gradients, zero2.optimizer) == pytest.approx(
+        (weight.nbytes, weight.nbytes / 7, 2 * weight.nbytes / 7)
+    )
+    # under the persistence threshold ZeRO-3 keeps the weight whole, its other states padded
+    bias = _meta((100,))
+    assert ZeroStage(3).storage_choices(bias, candidate_placements(bias, mesh), mesh) == [
+        replicated
+    ]
+    kept = ZeroStage(3).state_bytes(bias, replicated, mesh, 1.0, 2.0)
+    assert kept.total == pytest.approx(bias.nbytes * (1 + 3 / 7))
+
+
 def _meta(shape):
     return TensorMeta(shape=tuple(shape), stride=(), dtype=torch.float32)
 
@@ -187,6 +214,30 @@ def test_memory_breakdown_is_the_zero_papers_accounting(zero_rows, parameters):
         assert memory.gradients == pytest.approx(gradients, rel=1e-9)
         assert memory.optimizer == pytest.approx(optimizer, rel=1e-9)
         assert memory.activations > 0
+
+
+def test_a_tied_embedding_is_counted_once_on_a_single_pipeline_rank():
+    """The same accounting with the LM head tied to the token embedding: the input embedding's
+    and the head's ILPs each count the shared weight, the rank holds it once; and the row's
+    memory is the simulator's."""
+    spec = SPEC.replace("tied=false", "tied=true")
+    graph = capture_spec(spec, seq=None, precision="fp32")
+    model = from_spec(spec, batch=1, device="meta").model
+    total = sum(p.numel() for p in model.parameters())  # the tied weight once
+    cluster = Cluster.from_spec(ACROSS_HOSTS)
+    context = context_for(graph, cluster)
+    configs = [Configuration(1, 1, 4, MICRO, zero) for zero in (0, 1)]
+    rows, _ = price_all(context, configs, peak_flops=cluster.device.peak_flops_fp32)
+    zero0, zero1 = sorted(rows, key=lambda row: row.config.zero)
+    assert (zero0.memory.parameters, zero0.memory.optimizer) == pytest.approx(
+        (4 * total, 8 * total), rel=1e-9
+    )
+    assert zero1.memory.optimizer == pytest.approx(8 * total / 4, rel=1e-9)
+    options = PlannerOptions(global_batch=BATCH, workers=1, zero_stage=0)
+    held = planning_context(graph, cluster, options, "fp32")
+    _, simulation = simulate_manual(held, ManualConfig(1, 1, 4, MICRO))
+    (memory,) = simulation.memory
+    assert memory.parameters == pytest.approx(zero0.memory.parameters, rel=1e-9)
 
 
 def test_zero2_adds_a_reduce_scatter_per_extra_micro_batch(zero_rows, parameters):

@@ -11,6 +11,7 @@ from stage_partitioner.manual import ManualConfig, simulate_manual
 from stage_partitioner.model_planning import capture_spec, planning_context
 from stage_partitioner.planner import PlannerOptions, plan_in_context, to_parallel_plan
 from stage_partitioner.simulator import candidate_from_plan
+from stage_partitioner.stage_costs import build_table
 
 SPEC = "gpt:layers=4,hidden=256,heads=8,vocab=1024,seq=128"
 
@@ -132,3 +133,51 @@ def test_bad_planner_options_are_user_errors(graph):
 
     with pytest.raises(HapError, match="global batch"):
         plan_in_context(context_for(graph, "1x4xA100-80GB", 0))
+
+
+@pytest.mark.parametrize("tied", [1, 0])
+def test_tied_embedding_is_held_once_by_a_single_pipeline_rank(tied):
+    """One device holds the whole model: its state is 18 bytes per bf16 parameter (weight,
+    fp32 gradient, master and two moments), each parameter once, the tied embedding (read by
+    the input embedding and the LM head, so counted by both parts' ILPs) included. With two
+    pipeline ranks each holds its copy."""
+    spec = f"gpt:layers=2,hidden=256,heads=8,vocab=4096,seq=64,tied={tied}"
+    graph = capture_spec(spec, seq=None, precision="bf16")
+    alone = context_for(graph, "1x1xA100-80GB", 4)
+    _, one = simulate_manual(alone, ManualConfig(tp=1, pp=1, dp=1, micro_batch_size=1))
+    pair = context_for(graph, "1x2xA100-80GB", 4)
+    _, two = simulate_manual(pair, ManualConfig(tp=1, pp=2, dp=1, micro_batch_size=1))
+    per_byte = 18 / 2
+    memory_factors = alone.training_memory
+    assert 1 + memory_factors.gradient_factor + memory_factors.optimizer_factor == per_byte
+    embedding = 4096 * 256 * 2
+    (memory,) = one.memory
+    state = memory.parameters + memory.gradients + memory.optimizer
+    assert state == pytest.approx(per_byte * graph.param_bytes, rel=1e-6, abs=16)
+    first, last = (m.parameters + m.gradients + m.optimizer for m in two.memory)
+    copies = first + last - per_byte * graph.param_bytes
+    assert copies == pytest.approx(per_byte * embedding if tied else 0, rel=1e-6, abs=16)
+
+
+def test_stage_table_holds_a_tied_embedding_once_per_range():
+    """The DP's range sums agree with the simulator: the range of every layer holds the tied
+    embedding once, a range with only one of its readers is the plain sum."""
+    spec = "gpt:layers=2,hidden=256,heads=8,vocab=4096,seq=64,tied=1"
+    graph = capture_spec(spec, seq=None, precision="bf16")
+    context = context_for(graph, "1x1xA100-80GB", 4)
+    candidate, simulation = simulate_manual(
+        context, ManualConfig(tp=1, pp=1, dp=1, micro_batch_size=1)
+    )
+    layers = list(candidate.layers)
+    option = candidate.options[0]
+    table = build_table(context.solver, layers, candidate.microbatch, [option.mesh], ("none",))
+    q = table.options.index(option)
+    plain, held = table.range_sum(table.state), table.range_state()
+    (memory,) = simulation.memory
+    whole = memory.parameters + memory.gradients + memory.optimizer
+    last = len(layers) - 1
+    assert held[0, last, q] == pytest.approx(whole, rel=1e-6)
+    embedding = 4096 * 256 * 2 * 9  # bf16 weight, 18 bytes of state per parameter
+    assert plain[0, last, q] - held[0, last, q] == pytest.approx(embedding, rel=1e-6)
+    assert held[1, last, q] == pytest.approx(plain[1, last, q])
+    assert table.state_of(list(range(last + 1)), q) == pytest.approx(held[0, last, q])
