@@ -397,7 +397,8 @@ class StageCostTable:
         out = self.range_sum(self.state)
         for copies in self.shared_state.values():
             total, largest = self.range_sum(copies), self.range_max(copies)
-            out -= np.where(np.isfinite(total), total - largest, 0.0)
+            valid = np.isfinite(total)  # j ≥ k
+            out -= np.subtract(total, largest, out=np.zeros_like(total), where=valid)
         return out
 
     def state_of(self, layers: Sequence[int], q: int) -> float:
