@@ -25,8 +25,10 @@ It returns this rank's local tensor of the destination placement (the box
 Order of operations, the same on every rank, so nothing deadlocks:
 
 1. point-to-point: each piece is one message (a pair of ranks shares at most one piece, since
-   a rank holds one box), all posted at once with ``dist.batch_isend_irecv`` and then waited
-   for; a piece a rank sends to itself is a local copy;
+   a rank holds one box), all posted at once with ``dist.batch_isend_irecv`` (a rank's only
+   message directly with ``dist.isend`` / ``dist.irecv``, the common case between one-device
+   stages) and then waited for; a piece a rank sends to itself is a local copy. What each rank
+   sends, receives and copies is worked out once per plan and rank, not per transfer;
 2. local all-gather (when ``plan.all_gather``): over each of its axes, last axis first, a
    ``dist.all_gather`` in that axis' group, the slabs concatenated along ``plan.all_gather.dim``
    in mesh-coordinate order.
@@ -50,6 +52,7 @@ like ``dist.new_group`` it must be called by every rank of the default group, in
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -135,12 +138,70 @@ def _receive_dtype(plan: TransferPlan, local_src: torch.Tensor | None, dtype) ->
     return dtype
 
 
-def _receive_buffer(piece: Piece, recv_box: Box, out: torch.Tensor) -> torch.Tensor:
-    """Where a received piece lands: the destination tensor itself when the piece is all of
-    it (one message fills it, no copy), else a buffer of the piece's shape placed on ``wait``."""
-    if tuple(piece.box) == tuple(recv_box):
-        return out
-    return torch.empty(box_shape(piece.box), dtype=out.dtype, device=out.device)
+@dataclass(frozen=True)
+class _RankSteps:
+    """One rank's part of a plan, worked out once per (plan, rank) by ``_rank_steps``, so a
+    transfer that runs every micro-batch does not search the plan's pieces again. An index of
+    ``None`` is the whole tensor (sent or received as it is, no slicing)."""
+
+    sends: tuple[tuple[int, tuple[slice, ...] | None], ...]
+    """(destination rank, index of the piece in the local source) per message sent."""
+    receives: tuple[tuple[int, tuple[slice, ...] | None, tuple[int, ...]], ...]
+    """(source rank, index of the piece in the received box, the piece's shape) per message
+    received; a piece that is all of the box is received into the result itself."""
+    copies: tuple[tuple[tuple[slice, ...], tuple[slice, ...]], ...]
+    """(index in the local source, index in the received box) per piece kept on this rank."""
+    recv_shape: tuple[int, ...] | None
+    """The shape of the box this rank receives (``None`` off the destination mesh)."""
+
+
+_STEPS: weakref.WeakKeyDictionary[TransferPlan, dict[int, _RankSteps]] = weakref.WeakKeyDictionary()
+
+
+def _rank_steps(plan: TransferPlan, rank: int) -> _RankSteps:
+    """``rank``'s part of ``plan`` (cached for as long as the plan lives)."""
+    by_rank = _STEPS.setdefault(plan, {})
+    steps = by_rank.get(rank)
+    if steps is None:
+        steps = by_rank[rank] = _work_out_steps(plan, rank)
+    return steps
+
+
+def _work_out_steps(plan: TransferPlan, rank: int) -> _RankSteps:
+    src_box = plan.src_boxes.get(rank)
+    recv_box = plan.recv_boxes.get(rank) if rank in plan.dst_boxes else None
+
+    def within(box: Box, holder: Box) -> tuple[slice, ...] | None:
+        return None if tuple(box) == tuple(holder) else _relative(box, holder)
+
+    sends = tuple(
+        (p.dst_rank, within(p.box, src_box)) for p in plan.pieces_from(rank) if p.dst_rank != rank
+    )
+    to_me = plan.pieces_to(rank)
+    receives = tuple(
+        (p.src_rank, within(p.box, recv_box), box_shape(p.box)) for p in to_me if p.src_rank != rank
+    )
+    copies = tuple(
+        (_relative(p.box, src_box), _relative(p.box, recv_box)) for p in to_me if p.src_rank == rank
+    )
+    return _RankSteps(sends, receives, copies, None if recv_box is None else box_shape(recv_box))
+
+
+def _post(
+    sends: list[tuple[int, torch.Tensor]],
+    receives: list[tuple[int, torch.Tensor]],
+    group: dist.ProcessGroup | None,
+) -> list[dist.Work]:
+    """Post the messages (peers are global ranks). A single message goes out as it is
+    (``dist.isend`` / ``dist.irecv``, what ``batch_isend_irecv`` would call for it); several go
+    together through ``batch_isend_irecv``, which NCCL needs to run them as one group."""
+    if len(sends) + len(receives) == 1:
+        if sends:
+            return [dist.isend(sends[0][1], sends[0][0], group)]
+        return [dist.irecv(receives[0][1], receives[0][0], group)]
+    ops = [dist.P2POp(dist.isend, tensor, peer, group) for peer, tensor in sends]
+    ops += [dist.P2POp(dist.irecv, tensor, peer, group) for peer, tensor in receives]
+    return dist.batch_isend_irecv(ops) if ops else []
 
 
 def _check_source(plan: TransferPlan, local_src: torch.Tensor | None, my_rank: int) -> None:
@@ -175,7 +236,9 @@ class PendingTransfer:
     my_rank: int
     local_src: torch.Tensor | None
     out: torch.Tensor | None
-    inbox: list[tuple[Piece, torch.Tensor]]
+    inbox: list[tuple[tuple[slice, ...] | None, torch.Tensor]]
+    """(index in ``out``, buffer) per received piece; ``None``: the buffer is ``out``."""
+    copies: tuple[tuple[tuple[slice, ...], tuple[slice, ...]], ...]
     works: list[dist.Work]
     dst_axis_groups: Mapping[int, dist.ProcessGroup] | None
 
@@ -183,20 +246,17 @@ class PendingTransfer:
         for work in self.works:
             work.wait()
         self.works = []
-        if self.out is None:
+        out = self.out
+        if out is None:
             return None
-        plan, rank, out = self.plan, self.my_rank, self.out
-        recv_box = plan.recv_boxes[rank]
-        with torch.no_grad():
-            for piece in plan.pieces_to(rank):
-                if piece.src_rank == rank:
-                    src = self.local_src[_relative(piece.box, plan.src_boxes[rank])]
-                    out[_relative(piece.box, recv_box)] = src
-            for piece, buffer in self.inbox:
-                if buffer is not out:
-                    out[_relative(piece.box, recv_box)] = buffer
-            if plan.all_gather is not None:
-                out = _all_gather(plan, out, rank, self.dst_axis_groups)
+        # every tensor here is detached (the source) or fresh: placing records no autograd
+        for src_index, out_index in self.copies:
+            out[out_index] = self.local_src[src_index]
+        for out_index, buffer in self.inbox:
+            if out_index is not None:
+                out[out_index] = buffer
+        if self.plan.all_gather is not None:
+            out = _all_gather(self.plan, out, self.my_rank, self.dst_axis_groups)
         return out
 
 
@@ -248,38 +308,37 @@ def start_transfer(
     """Post this rank's messages of ``plan`` (arguments as ``run_transfer``) and return at once;
     ``.wait()`` on the result finishes the transfer. ``local_src`` must not be changed before
     then (it is sent from in place where a piece is contiguous)."""
-    in_src = my_rank in plan.src_boxes
-    in_dst = my_rank in plan.dst_boxes
+    steps = _rank_steps(plan, my_rank)
     _check_source(plan, local_src, my_rank)
-    local_src = local_src.detach() if in_src else None
+    local_src = local_src.detach() if my_rank in plan.src_boxes else None
     out = None
-    if in_dst:
+    if steps.recv_shape is not None:
         out = torch.empty(
-            box_shape(plan.recv_boxes[my_rank]),
+            steps.recv_shape,
             dtype=_receive_dtype(plan, local_src, dtype),
             device=_receive_device(local_src, device, group),
         )
-    src_box = plan.src_boxes.get(my_rank)
-    ops = [
-        dist.P2POp(dist.isend, local_src[_relative(p.box, src_box)].contiguous(), p.dst_rank, group)
-        for p in plan.pieces_from(my_rank)
-        if p.dst_rank != my_rank
+    sends = [
+        (peer, (local_src if index is None else local_src[index]).contiguous())
+        for peer, index in steps.sends
     ]
-    inbox = [
-        (p, _receive_buffer(p, plan.recv_boxes[my_rank], out))
-        for p in plan.pieces_to(my_rank)
-        if p.src_rank != my_rank
-    ]
-    ops += [dist.P2POp(dist.irecv, buffer, p.src_rank, group) for p, buffer in inbox]
-    works = dist.batch_isend_irecv(ops) if ops else []
+    inbox: list[tuple[tuple[slice, ...] | None, torch.Tensor]] = []
+    receives: list[tuple[int, torch.Tensor]] = []
+    for peer, index, shape in steps.receives:
+        buffer = out if index is None else out.new_empty(shape)
+        inbox.append((index, buffer))
+        receives.append((peer, buffer))
+    works = _post(sends, receives, group)
     logger.debug(
         "rank %d: cross-mesh %s, %d sends, %d receives",
         my_rank,
         plan.variant,
-        len(ops) - len(inbox),
-        len(inbox),
+        len(sends),
+        len(receives),
     )
-    return PendingTransfer(plan, my_rank, local_src, out, inbox, works, dst_axis_groups)
+    return PendingTransfer(
+        plan, my_rank, local_src, out, inbox, steps.copies, works, dst_axis_groups
+    )
 
 
 def run_transfer(

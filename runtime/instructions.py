@@ -21,7 +21,9 @@ same holds for gradients with the roles swapped.
 Sends do not block (they are posted), receives do, until the piece from every sending worker
 has been posted (the most a transfer can need); ``simulate_messages`` runs the lists under
 exactly that rule and reports a deadlock, so tests can check every list before a worker runs
-it.
+it. A worker posts each receive earlier than its instruction (``receive_posting``: one ahead
+per channel) and waits for it at the instruction; posting early never blocks, so the rule
+still holds.
 """
 
 from __future__ import annotations
@@ -124,6 +126,43 @@ def _expand(
     else:
         raise ValueError(f"task kind must be {FORWARD!r} or {BACKWARD!r}, got {task.kind!r}")
     return steps
+
+
+@dataclass(frozen=True)
+class ReceivePosting:
+    """When a worker posts its receives, one ahead on each channel (see ``receive_posting``).
+
+    ``at_start``: the index of each channel's first receive, posted when the step starts;
+    ``after``: receive index → the index of the next receive on the same channel, posted when
+    that receive is reached (before its wait)."""
+
+    at_start: tuple[int, ...]
+    after: Mapping[int, int]
+
+
+def receive_posting(steps: Sequence[Instruction]) -> ReceivePosting:
+    """Post every receive of ``steps`` one receive ahead of the step that reads it, per channel
+    (the kind of value, the receiving stage and the stage it comes from).
+
+    A receive only waits where its instruction stands; posting it earlier lets the message
+    arrive while the worker computes. On gloo this matters: a send does not start before its
+    receiver has posted the matching receive, so a receive posted only when it is needed costs
+    a notification round trip between the two workers first. One ahead per channel bounds the
+    extra receive buffers to one per channel, and each channel still posts its receives in
+    list order, as messages on it are matched."""
+    first: dict[tuple[str, int, int | None], int] = {}
+    last: dict[tuple[str, int, int | None], int] = {}
+    after: dict[int, int] = {}
+    for index, step in enumerate(steps):
+        if step.op not in (RECV_ACTIVATION, RECV_GRADIENT):
+            continue
+        channel = (step.op, step.stage, step.peer_stage)
+        if channel in last:
+            after[last[channel]] = index
+        else:
+            first[channel] = index
+        last[channel] = index
+    return ReceivePosting(tuple(sorted(first.values())), after)
 
 
 # ---------------------------------------------------------------------------- checking

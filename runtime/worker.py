@@ -62,6 +62,7 @@ from runtime.instructions import (
     SEND_GRADIENT,
     Instruction,
     build_instructions,
+    receive_posting,
 )
 from runtime.optimizer import OptimizerFn, ShardOptimizer
 from runtime.precision import PrecisionPolicy, master_fingerprint, policy_for
@@ -181,6 +182,7 @@ class PipelineWorker:
         )
         tasks = build_schedule(plan.schedule, p, plan.num_microbatches, plan.virtual_stages)
         self.instructions: list[Instruction] = build_instructions(tasks, layout)[self.rank]
+        self.receive_posting = receive_posting(self.instructions)
         reads = {name for s in self.programs for name in self.slices[s].user_inputs}
         return {
             "stages": sorted(self.programs),
@@ -301,13 +303,23 @@ class PipelineWorker:
         inbox: dict[tuple[str, int, int], list[torch.Tensor]] = {}
         outbox: dict[tuple[str, int, int], list[torch.Tensor]] = {}
         pending: list[boundary.PendingTransfer] = []
-        for step in self.instructions:
+        steps = self.instructions
+        posted = {i: self._start_receive(steps[i]) for i in self.receive_posting.at_start}
+        for index, step in enumerate(steps):
             program = self.programs[step.stage]
             mb = step.microbatch
-            if step.op == RECV_ACTIVATION:
-                inbox["act", step.stage, mb] = self._receive(
-                    step, program.received_metas, boundary.ACTIVATION, step.stage - 1
-                )
+            if step.op in (RECV_ACTIVATION, RECV_GRADIENT):
+                following = self.receive_posting.after.get(index)
+                if following is not None:
+                    posted[following] = self._start_receive(steps[following])
+                received = [boundary.finish(t, dst, self.mesh) for t, dst in posted.pop(index)]
+                if step.op == RECV_ACTIVATION:
+                    inbox["act", step.stage, mb] = received
+                else:
+                    grads = iter(received)
+                    inbox["grad", step.stage, mb] = [
+                        next(grads) if needs else None for needs in program.sent_needs_grad
+                    ]
             elif step.op == FORWARD:
                 received = inbox.pop(("act", step.stage, mb), [])
                 sent, loss = program.forward(mb, received, user[mb])
@@ -318,16 +330,6 @@ class PipelineWorker:
                 pending += self._send(
                     step, outbox.pop(("act", step.stage, mb)), boundary.ACTIVATION
                 )
-            elif step.op == RECV_GRADIENT:
-                metas = [
-                    m
-                    for m, needs in zip(program.sent_metas, program.sent_needs_grad, strict=True)
-                    if needs
-                ]
-                grads = iter(self._receive(step, metas, boundary.GRADIENT, step.stage + 1))
-                inbox["grad", step.stage, mb] = [
-                    next(grads) if needs else None for needs in program.sent_needs_grad
-                ]
             elif step.op == BACKWARD:
                 grads = inbox.pop(("grad", step.stage, mb), None)
                 outbox["grad", step.stage, mb] = program.backward(mb, grads)
@@ -408,15 +410,23 @@ class PipelineWorker:
             )
         return pending
 
-    def _receive(
-        self,
-        step: Instruction,
-        metas: list[tuple[torch.Size, torch.dtype]],
-        kind: int,
-        from_stage: int,
-    ) -> list[torch.Tensor]:
-        """Receive this worker's piece of every value (in value order), as the value in the
-        placement this stage reads it in; raises on timeout or a vanished peer."""
+    def _start_receive(
+        self, step: Instruction
+    ) -> list[tuple[boundary.PendingTransfer, boundary.MeshSide]]:
+        """Post the receives of a ``recv_*`` step (this worker's piece of every value it
+        brings, in value order: the stage's inputs, or the gradients of the sent values that
+        need one); ``boundary.finish`` each to wait for it (raises on timeout or a vanished
+        peer)."""
+        program = self.programs[step.stage]
+        if step.op == RECV_ACTIVATION:
+            kind, from_stage, metas = boundary.ACTIVATION, step.stage - 1, program.received_metas
+        else:
+            kind, from_stage = boundary.GRADIENT, step.stage + 1
+            metas = [
+                m
+                for m, needs in zip(program.sent_metas, program.sent_needs_grad, strict=True)
+                if needs
+            ]
         started = []
         for i, (shape, dtype) in enumerate(metas):
             plan, _, dst = self._transfer_plan(kind, from_stage, i, shape, dtype)
@@ -430,7 +440,7 @@ class PipelineWorker:
                 self.device,
             )
             started.append((transfer, dst))
-        return [boundary.finish(transfer, dst, self.mesh) for transfer, dst in started]
+        return started
 
     def _sync_shared_gradients(self) -> None:
         """Sum the full gradients of a parameter read by several stages over those stages

@@ -14,6 +14,7 @@ from runtime.instructions import (
     Instruction,
     build_instructions,
     held_microbatches,
+    receive_posting,
     simulate_messages,
 )
 
@@ -82,6 +83,33 @@ def test_workers_of_a_stage_group_run_the_same_computation(name, p, m, v, sizes)
             for w in stage_ranks[r]
         ]
         assert all(c == compute[0] for c in compute)
+
+
+@pytest.mark.parametrize("name,p,m,v,sizes", CASES)
+def test_receives_are_posted_one_ahead_per_channel_in_list_order(name, p, m, v, sizes):
+    _, _, lists = _lists(name, p, m, v, sizes)
+    for steps in lists.values():
+        posting = receive_posting(steps)
+        receives = [i for i, s in enumerate(steps) if s.op in (RECV_ACTIVATION, RECV_GRADIENT)]
+        # every receive is posted exactly once: at the start, or when the one before it on
+        # its channel is reached
+        assert sorted([*posting.at_start, *posting.after.values()]) == receives
+        channel = {i: (steps[i].op, steps[i].stage, steps[i].peer_stage) for i in receives}
+        assert len({channel[i] for i in posting.at_start}) == len(posting.at_start)
+        for reached, posted in posting.after.items():
+            assert channel[reached] == channel[posted] and reached < posted
+            between = [i for i in receives if reached < i < posted]
+            assert all(channel[i] != channel[posted] for i in between)
+
+
+def test_a_stage_posts_its_first_receives_at_the_start_and_the_next_at_each_receive():
+    lists = build_instructions(build_schedule("1f1b", 2, 2, 1), [(0,), (1,)])
+    # worker 0: forward 0 and 1, then gradients 0 and 1 from stage 1
+    steps = lists[0]
+    gradients = [i for i, s in enumerate(steps) if s.op == RECV_GRADIENT]
+    posting = receive_posting(steps)
+    assert posting.at_start == (gradients[0],)
+    assert dict(posting.after) == {gradients[0]: gradients[1]}
 
 
 def test_boundary_steps_name_every_worker_of_the_stage_on_the_other_side():
