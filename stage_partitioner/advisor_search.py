@@ -64,7 +64,7 @@ from stage_partitioner.advisor import (
 from stage_partitioner.layers import LayerPart, PlanningLayer, block_layers
 from stage_partitioner.manual import manual_candidates
 from stage_partitioner.planner import PlanningContext, plan_in_context, submesh_of
-from stage_partitioner.simulator import SharedParameters, Simulation, Simulator
+from stage_partitioner.simulator import Simulation, Simulator
 from stage_partitioner.stage_costs import (
     MEMORY_LEVELS,
     MeshChoice,
@@ -208,7 +208,7 @@ class _LayerCosts:
     duplicates: np.ndarray
     """``[level, (parameters, gradients, optimizer)]``: state the sums count more than once
     when one rank holds every layer (a parameter several parts read, all copies but the
-    largest; ``simulator.SharedParameters``)."""
+    largest; ``stage_costs.SharedParameters``)."""
     levels: list[int]
     """Distinct levels (a level whose answers are the previous level's is left out)."""
 
@@ -255,7 +255,7 @@ class _Search:
         self.simulators = {
             z: Simulator(self.graph, context.cluster, s) for z, s in self.solvers.items()
         }
-        self.shared = SharedParameters(self.graph)
+        self.shared = base.shared
         self.seq = _sequence_length(self.graph) or 1
         self._flops = _layer_compute_seconds(self.graph, self.layers, context)
         self._floors: dict[tuple, float] = {}

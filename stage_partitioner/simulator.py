@@ -36,7 +36,7 @@ from hierarchical_ap.cluster import Cluster
 from hierarchical_ap.graph import OpGraph
 from hierarchical_ap.plan import MemoryBreakdown
 from stage_partitioner.layers import PlanningLayer
-from stage_partitioner.stage_costs import PartSolver, SharedParameters, StageOption, _graph_at
+from stage_partitioner.stage_costs import PartSolver, StageOption, _graph_at, duplicate_bytes
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,6 @@ class Simulator:
         self.solver = solver
         self.cost = solver.cost_model
         self._boundaries: dict[tuple, float] = {}
-        self.shared = SharedParameters(graph)
 
     def ensure_solved(self, candidate: Candidate) -> None:
         """Run the ILPs a candidate needs that the solver has not cached yet."""
@@ -183,13 +182,13 @@ class Simulator:
             option = candidate.options[index]
             for layer in candidate.layers[first : last + 1]:
                 for part in layer.parts:
-                    names = self.shared.of(part)
+                    names = self.solver.shared.of(part)
                     if not names:
                         continue
                     cost = self.solver.cost(part, candidate.microbatch, option.mesh, option.level)
                     for fqn, key in names:
                         copies.setdefault(fqn, []).append(cost.param_state_bytes[key])
-        return sum(sum(c) - max(c) for c in copies.values())
+        return duplicate_bytes(copies)
 
     def _send_time(self, candidate: Candidate, index: int) -> float:
         if index + 1 >= len(candidate.ranges):

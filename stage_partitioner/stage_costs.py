@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -171,6 +171,8 @@ class PartSolver:
         self.zero = zero
         """A ZeRO stage every part's parameters are held to (``intra_op.zero``); ``None``: free."""
         self.cache: dict[tuple, tuple[PartCost | None, ...]] = {}
+        self.shared = SharedParameters(graph)
+        """Which parameters several parts read (each part's answer counts them)."""
 
     def solve_all(
         self,
@@ -370,6 +372,12 @@ class SharedParameters:
         return self._names[part]
 
 
+def duplicate_bytes(copies: Mapping[str, Sequence[float]]) -> float:
+    """Bytes counted more than once among the copies of each shared parameter, all but the
+    largest: ``Σ_w (Σ copies(w) − max copies(w))``."""
+    return sum(sum(c) - max(c) for c in copies.values())
+
+
 @dataclass
 class StageCostTable:
     """Per planning layer and stage option: time and memory (see the module docstring).
@@ -389,7 +397,8 @@ class StageCostTable:
     """Per layer: activations live beyond the kept ones (a layer being recomputed)."""
     shared_state: dict[str, np.ndarray]
     """Per parameter that several parts read (``SharedParameters``): its state in each
-    layer's ``state``, ``[layer, option]`` (0 where the layer does not read it)."""
+    layer's ``state`` (held once per layer), ``[layer, option]`` (0 where the layer does not
+    read it)."""
 
     def range_state(self) -> np.ndarray:
         """``range_sum(state)`` with each shared parameter held once per range: all copies
@@ -443,7 +452,6 @@ def build_table(
     ]
     shape = (len(layers), len(options))
     time, forward, sync, state, activation, extra = (np.zeros(shape) for _ in range(6))
-    shared = SharedParameters(solver.graph)
     shared_state: dict[str, np.ndarray] = {}
     for q, option in enumerate(options):
         for index, layer in enumerate(layers):
@@ -454,11 +462,14 @@ def build_table(
             time[index, q] = sum(c.time_s for c in costs)
             forward[index, q] = sum(c.forward_time_s for c in costs)
             sync[index, q] = sum(c.gradient_sync_s for c in costs)
-            state[index, q] = sum(c.state_bytes for c in costs)
+            in_layer: dict[str, list[float]] = {}
             for part, cost in zip(layer.parts, costs, strict=True):
-                for fqn, key in shared.of(part):
-                    copies = shared_state.setdefault(fqn, np.zeros(shape))
-                    copies[index, q] += cost.param_state_bytes[key]
+                for fqn, key in solver.shared.of(part):
+                    in_layer.setdefault(fqn, []).append(cost.param_state_bytes[key])
+            # the layer holds each shared parameter once; ranges of layers: ``range_state``
+            state[index, q] = sum(c.state_bytes for c in costs) - duplicate_bytes(in_layer)
+            for fqn, copies in in_layer.items():
+                shared_state.setdefault(fqn, np.zeros(shape))[index, q] = max(copies)
             kept = sum(c.activation_bytes for c in costs)
             if option.recompute == "full":
                 time[index, q] += forward[index, q]

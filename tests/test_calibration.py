@@ -183,22 +183,27 @@ def test_zero3_run_shards_every_weight_over_all_gpus(zero3_1536):
     context, config, candidate, simulation = zero3_1536
     assert (config.tp, config.pp, config.dp) == (1, 1, 1536)
     assert candidate.num_microbatches == 1
+    assert candidate.options[0].mesh.logical == (1536, 1)
+    assert_zero3_state(context, candidate, simulation, hidden=12288, layers=96, ranks=1536)
+
+
+def assert_zero3_state(context, candidate, simulation, *, hidden, layers, ranks):
+    """A block's projection weights are sharded on mesh axis 0, and the state is 18 bytes per
+    parameter (fp16 weight and fp32 gradient, master, two moments): matrices and embeddings
+    sharded ``ranks`` ways; biases and LayerNorm vectors (13h per block, each under 10^5
+    elements) keep their fp16 weight whole, the other 16 bytes sharded (ZeRO-2)."""
     option = candidate.options[0]
-    assert option.mesh.logical == (1536, 1)
     for part in candidate.layers[5].parts:
         cost = context.solver.cost(part, candidate.microbatch, option.mesh, option.level)
         for name, placement in cost.param_placements.items():
             if name.endswith("proj.weight"):
                 assert placement[0].startswith("S(")
-    # 18 bytes per parameter (fp16 weight and fp32 gradient, master, two moments): matrices and
-    # embeddings sharded 1536 ways; biases and LayerNorm vectors (13h per block, each under
-    # 10^5 elements) keep their fp16 weight whole, the other 16 bytes sharded (ZeRO-2)
-    h, layers, vocab, seq = 12288, 96, 51200, 2048
+    h, vocab, seq = hidden, 51200, 2048
     sharded = 12 * h * h * layers + (vocab + seq) * h
     persistent = 13 * h * layers + 2 * h
     memory = simulation.memory[0]
     state = memory.parameters + memory.gradients + memory.optimizer
-    expected = 18 * sharded / 1536 + 2 * persistent + 16 * persistent / 1536
+    expected = 18 * sharded / ranks + 2 * persistent + 16 * persistent / ranks
     assert state == pytest.approx(expected, rel=0.01)
 
 
@@ -238,17 +243,5 @@ def test_zero3_partitions_weights_no_dim_of_which_splits_flat_and_padded():
     context = context_for(graph, run)
     config, candidate, simulation = best_manual(context, run.configs)
     assert (config.dp, config.micro_batch_size) == (2240, 1)
-    option = candidate.options[0]
-    for part in candidate.layers[5].parts:
-        cost = context.solver.cost(part, candidate.microbatch, option.mesh, option.level)
-        for name, placement in cost.param_placements.items():
-            if name.endswith("proj.weight"):
-                assert placement[0].startswith("S(")
-    h, layers, vocab, seq = 20480, 105, 51200, 2048
-    sharded = 12 * h * h * layers + (vocab + seq) * h
-    persistent = 13 * h * layers + 2 * h
-    memory = simulation.memory[0]
-    state = memory.parameters + memory.gradients + memory.optimizer
-    expected = 18 * sharded / 2240 + 2 * persistent + 16 * persistent / 2240
-    assert state == pytest.approx(expected, rel=0.01)
+    assert_zero3_state(context, candidate, simulation, hidden=20480, layers=105, ranks=2240)
     assert simulation.peak_memory_bytes <= context.budget

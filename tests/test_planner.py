@@ -7,11 +7,12 @@ import pytest
 
 from hierarchical_ap.cluster import Cluster
 from hierarchical_ap.plan import ParallelPlan
+from stage_partitioner.layers import planning_layers
 from stage_partitioner.manual import ManualConfig, simulate_manual
 from stage_partitioner.model_planning import capture_spec, planning_context
 from stage_partitioner.planner import PlannerOptions, plan_in_context, to_parallel_plan
 from stage_partitioner.simulator import candidate_from_plan
-from stage_partitioner.stage_costs import build_table
+from stage_partitioner.stage_costs import build_table, part_tasks
 
 SPEC = "gpt:layers=4,hidden=256,heads=8,vocab=1024,seq=128"
 
@@ -181,3 +182,8 @@ def test_stage_table_holds_a_tied_embedding_once_per_range():
     assert plain[0, last, q] - held[0, last, q] == pytest.approx(embedding, rel=1e-6)
     assert held[1, last, q] == pytest.approx(plain[1, last, q])
     assert table.state_of(list(range(last + 1)), q) == pytest.approx(held[0, last, q])
+    # one planning layer holding both readers holds the embedding once too
+    (single,) = planning_layers(graph, num_layers=1)
+    context.solver.solve_all(part_tasks([single], candidate.microbatch, [option.mesh]))
+    merged = build_table(context.solver, [single], candidate.microbatch, [option.mesh], ("none",))
+    assert merged.range_state()[0, 0, q] == pytest.approx(whole, rel=1e-6)
