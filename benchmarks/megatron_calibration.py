@@ -8,9 +8,10 @@ recomputation, interleaved 1F1B):
 * ``simulated s``: ``hap simulate`` of the published configuration (``manual.best_manual``
   over ``PublishedRun.configs``: table 1 does not give the micro-batch size, so the best one
   that fits is used, and neither table gives the interleaved chunks per rank, so the best
-  count that fits is used; both are printed); the ZeRO-3 runs as DeepSpeed ran them
-  (``hap simulate --zero 3``: ``intra_op.zero``, weights that no dim splits evenly over the
-  ranks partitioned flat and padded);
+  count that fits is used; both are printed); the ZeRO-3 runs as DeepSpeed ran them in 2021
+  (``hap simulate --zero 3 --zero-list-collectives``: ``intra_op.zero``, weights that no dim
+  splits evenly over the ranks partitioned flat and padded, gathers through list-based
+  collectives with per-rank views and copies);
 * ``error``: simulated / published − 1;
 * ``plan / pub``: the step time of the plan ``hap plan`` finds for the same model, cluster and
   global batch, over the published configuration's simulated time (target ≤ 1.00).
@@ -85,8 +86,7 @@ def main() -> None:
         )
         published = context
         if run.zero_stage is not None:
-            options = PlannerOptions(global_batch=run.global_batch, zero_stage=run.zero_stage)
-            published = planning_context(graph, cluster, options, "fp16")
+            published = planning_context(graph, cluster, run.planner_options(), "fp16")
         best = best_manual(published, run.configs)
         if best is None:
             print(

@@ -349,7 +349,7 @@ class _ProblemBuilder:
         assert consumer.strategies is not None
         shape = (len(source.outputs), len(consumer.strategies))
         forward, backward, sync = np.zeros(shape), np.zeros(shape), np.zeros(shape)
-        times = _TensorReshardTimes(meta, self.mesh, self.cost, self.zero)
+        times = _TensorReshardTimes(meta, self.mesh, self.cost, self.zero, is_param)
         outs = [times.intern(out) for out in source.outputs]
         targets = [times.intern(gradient_placements(out)) for out in source.outputs]
         inputs = [times.intern(s.inputs[index]) for s in consumer.strategies]
@@ -391,9 +391,16 @@ class _TensorReshardTimes:
     placement tuples dominated building large problems)."""
 
     def __init__(
-        self, meta: TensorMeta, mesh: LogicalMesh, cost: CostModel, zero: ZeroStage | None = None
+        self,
+        meta: TensorMeta,
+        mesh: LogicalMesh,
+        cost: CostModel,
+        zero: ZeroStage | None = None,
+        parameter: bool = False,
     ) -> None:
         self.meta, self.mesh, self.cost = meta, mesh, cost
+        self._overhead = zero.collective_overhead if zero is not None and parameter else None
+        """A parameter's ZeRO collectives cost what ``ZeroStage.collective_overhead`` adds."""
         self._gradient_times = accumulated_gradient_times if zero is None else zero.gradient_times
         self.staged_only = zero is not None and zero.syncs_through_shards
         """ZeRO-1/2: the gradient always goes through the optimizer shard (no plain all-reduce)."""
@@ -411,9 +418,11 @@ class _TensorReshardTimes:
     def reshard(self, src: int, dst: int) -> float:
         key = (src, dst)
         if key not in self._reshard:
-            self._reshard[key] = reshard_time(
-                self.meta, self._placements[src], self._placements[dst], self.mesh, self.cost
-            )
+            before, after = self._placements[src], self._placements[dst]
+            time = reshard_time(self.meta, before, after, self.mesh, self.cost)
+            if self._overhead is not None:
+                time += self._overhead(self.meta, before, after, self.mesh, self.cost)
+            self._reshard[key] = time
         return self._reshard[key]
 
     def accumulated(self, grad: int, stored: int) -> tuple[float, float]:

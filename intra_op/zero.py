@@ -36,6 +36,22 @@ the threshold) partition are split the same padded way where no dim splits evenl
 cost model uses such placements: the planner's own search (no ``ZeroStage``) keeps to even
 ones, which the runtime executes.
 
+With ``list_collectives`` the parameters' axis-0 collectives are costed as DeepSpeed ran them
+in 2021 (≤ 0.3.16, the release of the published ZeRO-3 runs; DeepSpeed PR #1188 and issue
+#1069 describe it): each parameter is gathered on its own, synchronously, with the list-based
+``torch.distributed.all_gather`` into ``n`` views of a zero-filled buffer, which DeepSpeed
+builds in a Python loop over the ranks and PyTorch's NCCL process group fills with one copy
+per rank out of its flat receive buffer; each gradient is reduce-scattered from a list of
+``n`` views, which the process group first copies into one flat buffer. On top of the ring,
+for a tensor of ``B`` bytes gathered or reduce-scattered over ``n = dp`` ranks:
+
+    all-gather      n · (t_view + t_copy)  +  3B / (hbm_bandwidth · memory_efficiency)
+    reduce-scatter  n · (t_view + t_copy)  +  2B / (hbm_bandwidth · memory_efficiency)
+
+(the fill writes ``B``, the copies read and write ``B``), with ``t_view = VIEW_S`` one Python
+``narrow`` and ``t_copy = COPY_LAUNCH_S`` the launch of one device copy. Later DeepSpeed
+releases coalesce the gathers into ``all_gather_into_tensor`` (no per-rank work), the default.
+
 With ``tensor_parallel``, mesh axis 1 is held to tensor parallelism as Megatron-LM uses it:
 every weight matrix (a parameter of two or more dims) is split along axis 1 wherever it can
 be, so that a configuration's ``tp`` devices divide the weights rather than the batch; the ILP
@@ -50,7 +66,7 @@ from dataclasses import dataclass
 from hierarchical_ap.cluster import LogicalMesh
 from hierarchical_ap.cost_model import CostModel
 from hierarchical_ap.profile import TensorMeta
-from intra_op.placement import Placements, Shard, is_valid, shard_factor
+from intra_op.placement import Partial, Placements, Shard, is_valid, shard_factor
 from intra_op.resharding import accumulated_gradient_times, reshard_time
 
 ZERO_STAGES = (0, 1, 2, 3)
@@ -58,6 +74,12 @@ DATA_AXIS = 0
 TENSOR_AXIS = 1
 PERSISTENCE_THRESHOLD = 100_000
 """DeepSpeed's default ``stage3_param_persistence_threshold``: smaller parameters stay whole."""
+VIEW_S = 1.2e-6
+"""One ``tensor.narrow`` in a Python loop (measured: 1.2 µs per view over 2,240 views, torch
+2.13 on this project's development VM)."""
+COPY_LAUNCH_S = 5e-6
+"""Host cost of launching one device-to-device copy from C++: the few-µs CUDA launch overhead
+(an assumption, not a measurement; CUDA documents launches of a few microseconds)."""
 
 
 @dataclass(frozen=True)
@@ -80,10 +102,18 @@ class ZeroStage:
 
     stage: int
     tensor_parallel: bool = False
+    list_collectives: bool = False
+    """ZeRO-3 only: cost the parameters' axis-0 collectives as DeepSpeed's 2021 list-based
+    ones (module docstring)."""
 
     def __post_init__(self) -> None:
         if self.stage not in ZERO_STAGES:
             raise ValueError(f"ZeRO stage must be one of {ZERO_STAGES}, got {self.stage!r}")
+        if self.list_collectives and self.stage != 3:
+            raise ValueError(
+                f"list_collectives models DeepSpeed's 2021 ZeRO-3 gathers; stage {self.stage} "
+                "has none (use stage 3 or drop list_collectives)"
+            )
 
     @property
     def syncs_through_shards(self) -> bool:
@@ -149,6 +179,27 @@ class ZeroStage:
             return every, reshard_time(meta, staged, shard, mesh, cost) + gather
         every, rest = accumulated_gradient_times(meta, grad, shard, mesh, cost)
         return every, rest + gather
+
+    def collective_overhead(
+        self, meta: TensorMeta, src: Placements, dst: Placements, mesh: LogicalMesh, cost: CostModel
+    ) -> float:
+        """Seconds that list-based collectives add to resharding a parameter (or its gradient)
+        from ``src`` to ``dst`` (module docstring): an all-gather where axis 0 goes from
+        ``Shard`` to unsharded, a reduce-scatter where it goes from ``Partial`` to ``Shard``;
+        0 without ``list_collectives``."""
+        ranks = mesh.shape[DATA_AXIS]
+        if not self.list_collectives or ranks == 1:
+            return 0.0
+        before, after = src[DATA_AXIS], dst[DATA_AXIS]
+        if isinstance(before, Shard) and not isinstance(after, Shard):
+            passes = 3
+        elif isinstance(before, Partial) and isinstance(after, Shard):
+            passes = 2
+        else:
+            return 0.0
+        gathered = meta.nbytes / shard_factor(src[1:], mesh.shape[1:])
+        memory = cost.op_time(0.0, passes * gathered, mesh.submesh.cluster.device, meta.dtype)
+        return ranks * (VIEW_S + COPY_LAUNCH_S) + memory
 
     def _partitions_state(
         self, meta: TensorMeta, stored: Placements, mesh_shape: Sequence[int]

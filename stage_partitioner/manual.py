@@ -22,7 +22,7 @@ from hierarchical_ap.errors import PlannerOptionError
 from hierarchical_ap.models.presets import gpt_spec, read_data_csv
 from hierarchical_ap.plan import RECOMPUTE_MODES, SCHEDULES
 from stage_partitioner.layers import PlanningLayer, block_layers
-from stage_partitioner.planner import PlanningContext, equal_ranges, submesh_of
+from stage_partitioner.planner import PlannerOptions, PlanningContext, equal_ranges, submesh_of
 from stage_partitioner.simulator import Candidate, Simulation
 from stage_partitioner.stage_costs import MEMORY_LEVELS, MeshChoice, StageOption
 
@@ -170,6 +170,16 @@ class PublishedRun:
     zero_stage: int | None = None
     """3 for the ZeRO-3 runs (DeepSpeed's, ``intra_op.zero``), ``None`` for PTD-P (Megatron's
     own sharding, which the ILP finds on the ``(dp, tp)`` mesh)."""
+    zero_list_collectives: bool = False
+    """True for the ZeRO-3 runs: DeepSpeed 2021 gathered with list-based collectives."""
+
+    def planner_options(self) -> PlannerOptions:
+        """The options that simulate the run as it was run (its ZeRO stage and collectives)."""
+        return PlannerOptions(
+            global_batch=self.global_batch,
+            zero_stage=self.zero_stage,
+            zero_list_collectives=self.zero_list_collectives,
+        )
 
 
 MEGATRON_SEQ = 2048
@@ -229,4 +239,5 @@ def _published_run(
         configs=configs,
         note=f"tp={tp} pp={pp} dp={dp}, {given}",
         zero_stage=zero_stage,
+        zero_list_collectives=zero_stage == 3,
     )

@@ -79,6 +79,9 @@ class PlannerOptions:
     zero_stage: int | None = None
     """A ZeRO stage (0–3) every stage's parameters are held to on mesh axis 0
     (``intra_op.zero``); ``None``: the ILP chooses each parameter's storage itself."""
+    zero_list_collectives: bool = False
+    """With ``zero_stage = 3``: cost its gathers as DeepSpeed's 2021 list-based collectives
+    (``intra_op.zero``), as the published ZeRO-3 runs ran them."""
 
 
 @dataclass
@@ -104,9 +107,18 @@ class PlanningContext:
             device_budget=self.budget,
             workers=self.options.workers,
             time_limit_s=self.options.time_limit_s,
-            zero=None if self.options.zero_stage is None else ZeroStage(self.options.zero_stage),
+            zero=self._zero_stage(),
         )
         self.simulator = Simulator(self.graph, self.cluster, self.solver)
+
+    def _zero_stage(self) -> ZeroStage | None:
+        if self.options.zero_stage is None:
+            if self.options.zero_list_collectives:
+                raise ValueError("zero_list_collectives needs zero_stage=3")
+            return None
+        return ZeroStage(
+            self.options.zero_stage, list_collectives=self.options.zero_list_collectives
+        )
 
     @property
     def budget(self) -> float:

@@ -13,12 +13,13 @@ import itertools
 import pytest
 import torch
 
-from hierarchical_ap.cluster import Cluster
+from hierarchical_ap.cluster import Cluster, LogicalMesh, Submesh
+from hierarchical_ap.cost_model import CostModel
 from hierarchical_ap.errors import PlannerOptionError
 from hierarchical_ap.models import from_spec
 from hierarchical_ap.profile import TensorMeta
 from intra_op.cost_graph import candidate_placements
-from intra_op.placement import Replicate, Shard
+from intra_op.placement import Partial, Replicate, Shard
 from intra_op.zero import PERSISTENCE_THRESHOLD, ZeroStage
 from stage_partitioner.advisor import (
     CANNOT_BE_FORMED,
@@ -162,6 +163,30 @@ def test_zero_storage_choices_follow_the_stage_and_tensor_parallelism():
             per_tp * g,
             per_tp * o,
         )
+
+
+def test_list_collectives_add_per_rank_work_and_buffer_passes_to_zero3_collectives():
+    """DeepSpeed's 2021 ZeRO-3 gathers (``intra_op.zero``): on top of the ring, a gather over
+    n ranks costs n views and n copy launches plus the fill and copies of its buffer, three
+    passes over the gathered bytes through HBM; a reduce-scatter the same per-rank work and two
+    passes. Other resharding steps, and the default collectives, add nothing."""
+    weight = _meta((768, 256))  # fp32, 786,432 bytes
+    cluster = Cluster.from_spec("2x8xA100-80GB")
+    mesh = LogicalMesh(Submesh(cluster, 0, 2, 0, 8), (16, 1))
+    cost = CostModel()
+    lists = ZeroStage(3, list_collectives=True)
+    sharded, whole = (Shard(0), Replicate()), (Replicate(), Replicate())
+    partial = (Partial(), Replicate())
+    hbm = 2.039e12 * 0.8
+    per_rank = 16 * (1.2e-6 + 5e-6)
+    gather = lists.collective_overhead(weight, sharded, whole, mesh, cost)
+    assert gather == pytest.approx(per_rank + 3 * weight.nbytes / hbm)
+    scatter = lists.collective_overhead(weight, partial, sharded, mesh, cost)
+    assert scatter == pytest.approx(per_rank + 2 * weight.nbytes / hbm)
+    assert lists.collective_overhead(weight, whole, sharded, mesh, cost) == 0.0  # a local slice
+    assert ZeroStage(3).collective_overhead(weight, sharded, whole, mesh, cost) == 0.0
+    with pytest.raises(ValueError, match="stage 2 has none"):
+        ZeroStage(2, list_collectives=True)
 
 
 def test_zero_partitions_a_weight_no_dim_of_which_splits_flat_and_padded():

@@ -24,7 +24,6 @@ from stage_partitioner.manual import (
     simulate_manual,
 )
 from stage_partitioner.model_planning import capture_spec, planning_context
-from stage_partitioner.planner import PlannerOptions
 
 TOLERANCE = 0.25
 RUNS = {run.name: run for run in megatron_sc21_runs()}
@@ -34,8 +33,7 @@ SEQ_HIDDEN = 2048 * 12288
 
 
 def context_for(graph, run: PublishedRun):
-    options = PlannerOptions(global_batch=run.global_batch, zero_stage=run.zero_stage)
-    return planning_context(graph, Cluster.from_spec(run.cluster), options, "fp16")
+    return planning_context(graph, Cluster.from_spec(run.cluster), run.planner_options(), "fp16")
 
 
 @pytest.fixture(scope="module")
@@ -212,18 +210,22 @@ def test_zero3_gathers_each_weight_three_times_per_micro_batch_on_one_flat_ring(
     sequence per GPU. Per block, the four weight matrices (12h² fp16 values) are all-gathered
     for the forward, again for the recomputed forward and again for the backward, and their
     fp32 gradients reduce-scattered; each collective is NCCL's flat ring over all 1536 ranks,
-    1535 steps each paced by its network hop: α_IB + (bytes / 1536) / (8 rings · 25 GB/s · 0.8).
-    Hand-derived against the roofline GEMM time of a block, 24·s·h²·(1 + s/6h) FLOPs at
-    0.6 × 312 TFLOP/s (what the roofline adds for memory-bound ops, and the small vectors'
-    gradients, are a few per cent)."""
+    1535 steps each paced by its network hop: α_IB + (bytes / 1536) / (8 rings · 25 GB/s · 0.8),
+    plus what DeepSpeed's 2021 list-based collectives add: one view and one copy launch per
+    rank, and the buffer's fill and copies through HBM (3 passes over the gathered bytes for a
+    gather, 2 for a reduce-scatter) at 2.039 TB/s · 0.8. Hand-derived against the roofline GEMM
+    time of a block, 24·s·h²·(1 + s/6h) FLOPs at 0.6 × 312 TFLOP/s (what the roofline adds for
+    memory-bound ops, and the small vectors' gradients, are a few per cent)."""
     _, _, _, simulation = zero3_1536
     h, s, blocks, n = 12288, 2048, 96, 1536
 
-    def collectives(bytes_per_value: int) -> float:
-        chunks = [bytes_per_value * h * h * c / n for c in (3, 1, 4, 4)]
-        return sum((n - 1) * (10e-6 + chunk / (8 * 25e9 * 0.8)) for chunk in chunks)
+    def collectives(bytes_per_value: int, passes: int) -> float:
+        sizes = [bytes_per_value * h * h * c for c in (3, 1, 4, 4)]
+        ring = sum((n - 1) * (10e-6 + size / n / (8 * 25e9 * 0.8)) for size in sizes)
+        lists = sum(n * (1.2e-6 + 5e-6) + passes * size / (2.039e12 * 0.8) for size in sizes)
+        return ring + lists
 
-    gather, reduce_scatter = collectives(2), collectives(4)
+    gather, reduce_scatter = collectives(2, passes=3), collectives(4, passes=2)
     compute = 24 * s * h * h * (1 + s / (6 * h)) / (312e12 * 0.6)
     (stage,) = simulation.stages
     assert stage.forward_s == pytest.approx(blocks * (compute + gather), rel=0.05)

@@ -98,6 +98,25 @@ def test_simulate_zero3_shards_large_parameters_over_the_data_parallel_axis(caps
     assert zero3["peak_memory_bytes_per_device"] < free["peak_memory_bytes_per_device"]
 
 
+def test_simulate_zero3_list_collectives_cost_more_and_need_zero3(capsys):
+    """``--zero-list-collectives`` adds DeepSpeed 2021's per-rank gather work to ZeRO-3's
+    collectives (never less time: every sharding costs at least what it did); without ``--zero 3`` it is an error naming the fix. (Micro-batches of
+    8 fp32 sequences, so that the ILP gathers the weights rather than splitting them over axis
+    0.)"""
+    data_parallel = list(SIMULATE)
+    data_parallel[data_parallel.index("--global-batch") + 1] = "64"
+    data_parallel[data_parallel.index("--micro-batch-size") + 1] = "8"
+    data_parallel += ["--precision", "fp32"]
+    assert main([*data_parallel, "--zero", "3"]) == 0
+    tensor = json.loads(capsys.readouterr().out)
+    assert main([*data_parallel, "--zero", "3", "--zero-list-collectives"]) == 0
+    lists = json.loads(capsys.readouterr().out)
+    assert lists["predicted_step_time_s"] > tensor["predicted_step_time_s"]
+    assert "gathers as DeepSpeed's 2021 list-based collectives" in lists["notes"]
+    assert main([*SIMULATE, "--zero-list-collectives"]) == 2
+    assert "add --zero 3" in capsys.readouterr().err
+
+
 def test_simulate_rejects_zero_with_a_plan_file(tmp_path, capsys):
     assert main(["simulate", str(tmp_path / "plan.json"), "--zero", "3"]) == 2
     assert "--zero applies to a manual configuration" in capsys.readouterr().err

@@ -55,6 +55,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "(default: the ILP chooses each parameter's sharding)"
         ),
     )
+    parser.add_argument(
+        "--zero-list-collectives",
+        action="store_true",
+        help=(
+            "with --zero 3: cost its gathers as DeepSpeed's 2021 list-based collectives "
+            "(per-rank copies), as the published ZeRO-3 runs ran"
+        ),
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)
 
@@ -66,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
     from stage_partitioner.planner import PlannerOptions, to_parallel_plan
     from stage_partitioner.simulator import candidate_from_plan
 
+    if args.zero_list_collectives and args.zero != 3:
+        from hierarchical_ap.errors import HapError
+
+        raise HapError("--zero-list-collectives models ZeRO-3's gathers; add --zero 3")
     if args.plan is not None:
         if args.zero is not None:
             from hierarchical_ap.errors import HapError
@@ -104,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
             global_batch=args.global_batch,
             memory_fraction=args.memory_fraction,
             zero_stage=args.zero,
+            zero_list_collectives=args.zero_list_collectives,
         )
         with _progress():
             graph = capture_spec(args.model, seq=args.seq, precision=args.precision)
@@ -117,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
             )
         candidate, simulation = result
         zero = () if args.zero is None else (f"ZeRO-{args.zero} over the data-parallel axis",)
+        if args.zero_list_collectives:
+            zero = (*zero, "gathers as DeepSpeed's 2021 list-based collectives")
         model, precision, notes = args.model, args.precision, (config.describe(), *zero)
     plan = to_parallel_plan(
         candidate,
