@@ -15,7 +15,10 @@ step) and β = b (seconds per byte), which `CostModel` reads back as
 `ring_steps·α + ring_traffic·bytes·β`, i.e. exactly the fitted line at n workers.
 
 For CPU workers a 1024³ fp32 GEMM runs on all workers at once (as in training, where they share
-the host's cores); the median per-worker FLOP/s becomes the device's peak.
+the host's cores): each repetition starts after a barrier and runs `GEMMS_PER_REP` GEMMs on
+every worker, and its time is the slowest worker's, so the whole window is under full
+contention (a worker that finished early would otherwise let the others run faster than they
+do in training). The per-worker FLOP/s of the median repetition becomes the device's peak.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ DEFAULT_REPS = 5
 DEFAULT_TIMEOUT_S = 120.0
 #: Square fp32 GEMM timed to estimate a CPU worker's achieved FLOP/s.
 GEMM_SIZE = 1024
+#: GEMMs each worker runs in one timed window (about 0.1–0.2 s on one shared CPU core).
+GEMMS_PER_REP = 4
 #: Floors of the fitted alpha (s) and beta (s/byte) so both stay positive.
 MIN_ALPHA = 1e-9
 MIN_BETA = 1e-15
@@ -295,18 +300,25 @@ class _Worker:
         return times
 
     def gemm_flops(self, size: int, reps: int) -> float:
-        """Achieved FLOP/s of a size³ fp32 GEMM (2·size³ FLOPs), median over reps."""
+        """Achieved FLOP/s per worker of size³ fp32 GEMMs (2·size³ FLOPs each) with every worker
+        busy: `GEMMS_PER_REP` GEMMs per repetition after a barrier, timed by the slowest worker
+        (an all-reduce of the times), median over reps."""
         a = torch.randn(size, size, device=self.device)
         b = torch.randn(size, size, device=self.device)
         a @ b
         times = []
         for _ in range(reps):
+            dist.barrier()
             self._sync()
             start = time.perf_counter()
-            a @ b
+            for _ in range(GEMMS_PER_REP):
+                a @ b
             self._sync()
-            times.append(time.perf_counter() - start)
-        return 2 * size**3 / statistics.median(times)
+            elapsed = time.perf_counter() - start
+            slowest = torch.tensor([elapsed], dtype=torch.float64, device=self.device)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            times.append(float(slowest.item()))
+        return GEMMS_PER_REP * 2 * size**3 / statistics.median(times)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
