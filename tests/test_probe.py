@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import pytest
+import torch
 
 from hierarchical_ap.cluster import Cluster, Collective
 from hierarchical_ap.commands import cluster as cluster_command
 from hierarchical_ap.cost_model import CostModel
 from hierarchical_ap.errors import ClusterSpecError
-from hierarchical_ap.probe import MIN_ALPHA, MIN_BETA, fit_alpha_beta, probe
+from hierarchical_ap.probe import GEMM_SIZE, MIN_ALPHA, MIN_BETA, fit_alpha_beta, probe
 
 ray = pytest.importorskip("ray")
 
@@ -143,6 +145,25 @@ def test_probe_four_workers_json(tmp_path, capsys, no_ray_left_behind):
     summary = json.loads(capsys.readouterr().out)
     assert summary["path"] == str(path) and summary["workers"] == 4
     assert set(summary["collectives"]) == {c.value for c in Collective}
+    # the GEMM rate is each worker's share with all four busy at once: on fewer than four cores
+    # no more than the cores' share of what one thread reaches alone (best of five here)
+    single = max(_single_thread_gemm_flops() for _ in range(5))
+    share = min(1.0, len(os.sched_getaffinity(0)) / 4)
+    assert summary["gemm_flops"] <= 1.25 * share * single
+
+
+def _single_thread_gemm_flops() -> float:
+    """FLOP/s of one GEMM of the probe's size on one thread of this process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(GEMM_SIZE, GEMM_SIZE), torch.randn(GEMM_SIZE, GEMM_SIZE)
+        a @ b
+        started = time.perf_counter()
+        a @ b
+        return 2 * GEMM_SIZE**3 / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.timeout(120)
