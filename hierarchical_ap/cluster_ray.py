@@ -21,6 +21,13 @@ logger = logging.getLogger("hierarchical_ap.cluster")
 
 _RAY_ACCELERATOR_PREFIX = "accelerator_type:"
 
+WORKER_RUNTIME_ENV: dict[str, Any] = {"env_vars": {"RAY_worker_niceness": "0"}}
+"""The ``runtime_env`` of every actor that trains or measures: Ray starts worker processes at
+niceness 15 (so that background tasks yield to the driver), which on a shared host lets any
+normal-priority process (Ray's own daemons included) take the CPU from a training step. These
+actors run at normal priority, as Ray's job supervisor does (the same variable); Ray merges
+``env_vars`` with the job's own."""
+
 
 def cluster_from_ray(address: str = "auto") -> Cluster:
     """`Cluster.from_ray`: the cluster of a running Ray instance, connecting to `address` if Ray

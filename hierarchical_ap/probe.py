@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from hierarchical_ap.cluster import CPU_DEVICE_NAME, AlphaBeta, Cluster, Collective
+from hierarchical_ap.cluster_ray import WORKER_RUNTIME_ENV
 from hierarchical_ap.cost_model import ring_steps, ring_traffic
 from hierarchical_ap.errors import ClusterSpecError
 
@@ -210,7 +211,11 @@ def _start_workers(cluster: Cluster, timeout_s: float) -> list:
     n = cluster.devices_per_host
     gpu = cluster.backend == "nccl"
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    actor = ray.remote(_Worker).options(num_cpus=min(1.0, cpus / n), num_gpus=1 if gpu else 0)
+    actor = ray.remote(_Worker).options(
+        num_cpus=min(1.0, cpus / n),
+        num_gpus=1 if gpu else 0,
+        runtime_env=WORKER_RUNTIME_ENV,  # the priority the runtime's workers train at
+    )
     port = _free_port()
     threads = max(1, (os.cpu_count() or 1) // n)
     workers = [

@@ -5,7 +5,8 @@ device (``{"CPU": 1}``, plus ``{"GPU": 1}`` on GPU clusters), so device ``d`` â€
 devices_per_host``, local slot ``d % devices_per_host`` â€” is actor ``d``, and a stage's submesh
 (whole hosts, or a block of one host) lands on the hosts it was planned for. Worker 0 names the
 rendezvous address (its node's IP and a free port); every actor then joins the global group
-(gloo on CPU, NCCL on GPU) with the given timeout.
+(gloo on CPU, NCCL on GPU) with the given timeout. The actors run at normal CPU priority
+(``cluster_ray.WORKER_RUNTIME_ENV``; Ray's default for workers is niceness 15).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from hierarchical_ap.cluster import Cluster
+from hierarchical_ap.cluster_ray import WORKER_RUNTIME_ENV
 from hierarchical_ap.errors import WorkerFailedError
 from runtime.worker import PipelineWorker
 
@@ -80,6 +82,7 @@ def start_actors(cluster: Cluster, timeout_s: float) -> tuple[list[Any], list[Pl
                 remote.options(
                     num_cpus=1,
                     num_gpus=1 if gpu else 0,
+                    runtime_env=WORKER_RUNTIME_ENV,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         placement_group=groups[host], placement_group_bundle_index=slot
                     ),

@@ -10,6 +10,7 @@ and ``shutdown`` frees every actor.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -139,6 +140,15 @@ def test_bad_batches_raise_value_error_before_any_worker_runs(gpt_executable):
         exe.train_step((inputs[0], inputs[0]), targets)
     after = exe.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.timeout(60)
+def test_workers_run_at_normal_cpu_priority(gpt_executable):
+    """Ray starts worker processes at niceness 15; the runtime's actors ask for 0, so that on a
+    shared host other processes cannot take the CPU from a training step."""
+    exe, _, _ = gpt_executable
+    niceness = ray.get([w.__ray_call__.remote(lambda _: os.nice(0)) for w in exe.workers])
+    assert niceness == [0] * len(exe.workers)
 
 
 def test_a_global_batch_that_does_not_split_into_micro_batches_is_refused():
