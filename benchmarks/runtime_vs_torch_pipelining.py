@@ -13,8 +13,9 @@ One run, one model, one stage split, one set of micro-batches:
 Fairness: both sides start from the same weights (one model object pickled to both), train on
 the same batches with the same loss (``causal_lm_loss``, mean over the global batch: torch's
 schedule scales gradients by 1/micro-batches as our last stage does), the same optimizer
-(AdamW, same hyper-parameters) and one intra-op thread per worker (the runtime's actors set
-``torch.set_num_threads(1)``; the torch processes do the same). Steps alternate between the
+(AdamW, same hyper-parameters), one intra-op thread per worker (the runtime's actors set
+``torch.set_num_threads(1)``; the torch processes do the same) and normal CPU priority on both
+sides (the runtime's actors ask Ray for niceness 0, what the torch processes have). Steps alternate between the
 two sides (ours, torch, ours, ...), so load from other processes on a shared machine falls on
 both alike. A step is timed on the driver from handing the batch over to having every
 worker's result back, on both sides. The losses of the two sides are printed side by side: they

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import socket
 import statistics
+import tempfile
 import time
 
 import torch
@@ -36,12 +36,6 @@ SPEC = "gpt:layers=4,hidden=256,heads=4,vocab=1024,seq=64,tied=0"
 
 def adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:
@@ -70,7 +64,8 @@ def main() -> None:
         schedule="1f1b",
     )
     worker = PipelineWorker(0, 1, "gloo", 60.0)
-    worker.join(f"tcp://127.0.0.1:{_free_port()}")
+    rendezvous = tempfile.TemporaryDirectory()
+    worker.join(f"file://{rendezvous.name}/store")
     try:
         worker.build(
             TrainingProgram(
@@ -108,6 +103,7 @@ def main() -> None:
                 theirs.append(ended - middle)
     finally:
         dist.destroy_process_group()
+        rendezvous.cleanup()
     ours_s, eager_s = statistics.median(ours), statistics.median(theirs)
     print(f"model {SPEC}; global batch {batch} = {m} micro-batches; 1 thread")
     print(f"runtime stage (PipelineWorker)  median step {ours_s * 1e3:7.1f} ms")

@@ -51,8 +51,8 @@ same per-device share as the inter-host phase of a two-phase algorithm. (NCCL's 
 link, the NIC and NCCL's proxy thread posting it, for its α, and all n−1 steps pass every hop.)
 ZeRO-3 over every GPU of a large cluster pays this per sharded parameter tensor four times a
 micro-batch under full recomputation (all-gathers for the forward, the recomputed forward and
-the backward, and the gradient's reduce-scatter); what DeepSpeed's 2021 list-based collectives added per rank
-is `intra_op.zero`'s, not the cost model's).
+the backward, and the gradient's reduce-scatter; what DeepSpeed's 2021 list-based collectives
+added per rank is `intra_op.zero`'s, not the cost model's).
 
 With g = 1 this is the flat ring on the inter-host link. (All-to-all: each device exchanges B/n
 bytes with its g−1 host peers over the intra-host link and its n−g remote peers over the

@@ -322,7 +322,7 @@ class _Worker:
             elapsed = time.perf_counter() - start
             slowest = torch.tensor([elapsed], dtype=torch.float64, device=self.device)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            times.append(float(slowest.item()))
+            times.append(slowest.item())
         return GEMMS_PER_REP * 2 * size**3 / statistics.median(times)
 
     def _sync(self) -> None:

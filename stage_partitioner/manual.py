@@ -170,15 +170,14 @@ class PublishedRun:
     zero_stage: int | None = None
     """3 for the ZeRO-3 runs (DeepSpeed's, ``intra_op.zero``), ``None`` for PTD-P (Megatron's
     own sharding, which the ILP finds on the ``(dp, tp)`` mesh)."""
-    zero_list_collectives: bool = False
-    """True for the ZeRO-3 runs: DeepSpeed 2021 gathered with list-based collectives."""
 
     def planner_options(self) -> PlannerOptions:
-        """The options that simulate the run as it was run (its ZeRO stage and collectives)."""
+        """The options that simulate the run as it was run: its ZeRO stage and, for ZeRO-3
+        (DeepSpeed in 2021), list-based collectives."""
         return PlannerOptions(
             global_batch=self.global_batch,
             zero_stage=self.zero_stage,
-            zero_list_collectives=self.zero_list_collectives,
+            zero_list_collectives=self.zero_stage == 3,
         )
 
 
@@ -239,5 +238,4 @@ def _published_run(
         configs=configs,
         note=f"tp={tp} pp={pp} dp={dp}, {given}",
         zero_stage=zero_stage,
-        zero_list_collectives=zero_stage == 3,
     )

@@ -114,7 +114,9 @@ class PlanningContext:
     def _zero_stage(self) -> ZeroStage | None:
         if self.options.zero_stage is None:
             if self.options.zero_list_collectives:
-                raise ValueError("zero_list_collectives needs zero_stage=3")
+                raise PlannerOptionError(
+                    "zero_list_collectives models ZeRO-3's gathers; set zero_stage=3 or drop it"
+                )
             return None
         return ZeroStage(
             self.options.zero_stage, list_collectives=self.options.zero_list_collectives

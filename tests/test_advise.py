@@ -189,6 +189,13 @@ def test_list_collectives_add_per_rank_work_and_buffer_passes_to_zero3_collectiv
         ZeroStage(2, list_collectives=True)
 
 
+def test_list_collectives_without_zero3_is_refused_naming_the_fix(graph):
+    cluster = Cluster.from_spec(ACROSS_HOSTS)
+    options = PlannerOptions(global_batch=BATCH, zero_list_collectives=True)
+    with pytest.raises(PlannerOptionError, match="set zero_stage=3"):
+        planning_context(graph, cluster, options, "fp32")
+
+
 def test_zero_partitions_a_weight_no_dim_of_which_splits_flat_and_padded():
     """DeepSpeed pads a flattened weight to a multiple of the ranks: 7 ranks split no dim of
     a 768 × 256 weight, yet every ZeRO-3 storage choice shards it on its largest dim, costed
