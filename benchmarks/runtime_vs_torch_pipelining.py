@@ -287,11 +287,11 @@ def build_plan(model: nn.Module, workload: Workload, batch: tuple[torch.Tensor, 
     )
 
 
-def predicted_step_s(
+def simulate_plan(
     model: nn.Module, plan: Any, cluster_file: Path, batch: tuple[torch.Tensor, torch.Tensor]
-) -> float:
-    """The simulator's step time for ``plan`` on the probed cluster (``hap simulate plan.json``'s
-    path: the plan's candidate re-simulated with the cluster file's costs)."""
+) -> Any:
+    """The simulator's ``Simulation`` of ``plan`` on the probed cluster (``hap simulate
+    plan.json``'s path: the plan's candidate re-simulated with the cluster file's costs)."""
     from hierarchical_ap.api import capture_for_planning
     from hierarchical_ap.cluster import Cluster
     from hierarchical_ap.models.bundle import causal_lm_loss
@@ -308,7 +308,7 @@ def predicted_step_s(
     simulation = context.simulator.simulate(candidate_from_plan(context, plan))
     if simulation is None:
         raise RuntimeError("the simulator found no sharding for a stage of the plan")
-    return simulation.step_time_s
+    return simulation
 
 
 def probe_cluster(path: Path, timeout_s: float) -> None:
@@ -353,6 +353,7 @@ def run(args: argparse.Namespace) -> int:
     import hierarchical_ap as hap
     from hierarchical_ap.models import from_spec
     from hierarchical_ap.models.bundle import causal_lm_loss
+    from runtime.step_trace import stage_compute_means
 
     workload = Workload(
         spec=f"gpt:layers={args.layers},hidden={args.hidden},heads={args.heads},"
@@ -388,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
         if cluster_file is None:
             cluster_file = Path(scratch) / "cluster.yaml"
             probe_cluster(cluster_file, args.timeout)
-        predicted = predicted_step_s(model, plan, cluster_file, batches[0])
+        simulation = simulate_plan(model, plan, cluster_file, batches[0])
 
     ray.init(
         num_cpus=WORLD,
@@ -420,6 +421,7 @@ def run(args: argparse.Namespace) -> int:
             if step >= args.warmup:
                 ours_times.append(t_ours)
                 torch_times.append(t_torch)
+        measured_stages = stage_compute_means(executable.last_step_trace())
     finally:
         if pipeline is not None:
             pipeline.close()
@@ -427,7 +429,8 @@ def run(args: argparse.Namespace) -> int:
             executable.shutdown()
         ray.shutdown()
 
-    report(ours_times, torch_times, ours_losses, torch_losses, predicted)
+    report(ours_times, torch_times, ours_losses, torch_losses, simulation.step_time_s)
+    report_stages(measured_stages, simulation)
     return 0
 
 
@@ -468,6 +471,20 @@ def report(
             f"simulator on the probed cluster: predicted {predicted * 1e3:.1f} ms, measured "
             f"({name}) {measured * 1e3:.1f} ms, error {error:+.1%} ({within} "
             f"{SIMULATOR_TOLERANCE:.0%})"
+        )
+
+
+def report_stages(measured: dict[int, Any], simulation: Any) -> None:
+    """Per stage, the last step's measured mean forward / backward of one micro-batch and
+    optimizer step (``ParallelExecutable.last_step_trace``) against the simulator's."""
+    print("per stage (ms), measured in our last step / simulated:")
+    for stage, times in measured.items():
+        estimate = simulation.stages[stage]
+        print(
+            f"  stage {stage}: forward {times.forward_s * 1e3:6.2f} / "
+            f"{estimate.forward_s * 1e3:6.2f}   backward {times.backward_s * 1e3:6.2f} / "
+            f"{estimate.backward_s * 1e3:6.2f}   optimizer step {times.optimizer_s * 1e3:6.2f} / "
+            f"{estimate.optimizer_s * 1e3:6.2f}"
         )
 
 

@@ -39,6 +39,7 @@ from hierarchical_ap.hardware import (
     CPU_CORE_PEAK_FLOPS,
     CPU_DEVICE_NAME,
     CPU_INTER_HOST_BANDWIDTH,
+    CPU_KERNEL_OVERHEAD_S,
     DATASHEET_FP32_TFLOPS,
     ETHERNET_LATENCY_S,
     GIB,
@@ -57,6 +58,7 @@ __all__ = [
     "CPU_CORE_PEAK_FLOPS",
     "CPU_DEVICE_NAME",
     "CPU_INTER_HOST_BANDWIDTH",
+    "CPU_KERNEL_OVERHEAD_S",
     "DATASHEET_FP32_TFLOPS",
     "ETHERNET_LATENCY_S",
     "EXAMPLE",
@@ -179,7 +181,15 @@ def _collective(key: Any) -> Collective:
 
 @dataclass(frozen=True)
 class DeviceSpec:
-    """One accelerator (or CPU worker): memory (bytes), peak FLOP/s per dtype, HBM bytes/s."""
+    """One accelerator (or CPU worker): memory (bytes), peak FLOP/s per dtype, HBM bytes/s,
+    and the fixed host-side seconds each kernel costs on top of its roofline time.
+
+    `kernel_overhead_s` is what eager execution pays per aten call it dispatches (Python,
+    dispatcher and autograd bookkeeping; on a CPU worker this runs on the same core as the
+    maths, so it adds to it). 0 leaves it out: the GPU presets do, since their launches
+    overlap the kernels already queued and the calibrated matmul efficiency stands for what
+    gaps remain (`cost_model.GPU_MATMUL_EFFICIENCY`).
+    """
 
     name: str
     memory_bytes: int
@@ -187,6 +197,7 @@ class DeviceSpec:
     peak_flops_bf16: float
     peak_flops_fp16: float
     hbm_bandwidth: float
+    kernel_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -195,6 +206,9 @@ class DeviceSpec:
         for field in ("peak_flops_fp32", "peak_flops_bf16", "peak_flops_fp16"):
             _check_positive("DeviceSpec", field, getattr(self, field), "FLOP/s")
         _check_positive("DeviceSpec", "hbm_bandwidth", self.hbm_bandwidth, "bytes/s")
+        _check_positive(
+            "DeviceSpec", "kernel_overhead_s", self.kernel_overhead_s, "s", allow_zero=True
+        )
 
     @property
     def is_cpu(self) -> bool:
@@ -230,8 +244,10 @@ class DeviceSpec:
 
         Each worker gets an equal share of the host: memory = host RAM / workers, FLOP/s =
         `CPU_CORE_PEAK_FLOPS` × cores / workers (fp32; bf16/fp16 run no faster on CPUs without
-        AMX), memory bandwidth = `CPU_CORE_MEMORY_BANDWIDTH` × cores / workers. Host RAM and
-        cores default to this machine's.
+        AMX), memory bandwidth = `CPU_CORE_MEMORY_BANDWIDTH` × cores / workers. Dispatching a
+        kernel runs on one thread, so its cost only grows when workers outnumber cores:
+        `CPU_KERNEL_OVERHEAD_S` × max(1, workers / cores). Host RAM and cores default to this
+        machine's; `hap cluster probe` measures all three rates instead.
         """
         _check_count("DeviceSpec.cpu", "workers", workers)
         memory = host_memory_bytes if host_memory_bytes is not None else _host_memory_bytes()
@@ -244,6 +260,7 @@ class DeviceSpec:
             peak_flops_bf16=flops,
             peak_flops_fp16=flops,
             hbm_bandwidth=CPU_CORE_MEMORY_BANDWIDTH * cores / workers,
+            kernel_overhead_s=CPU_KERNEL_OVERHEAD_S * max(1.0, workers / cores),
         )
 
 
@@ -494,8 +511,10 @@ class Cluster:
         - `num_hosts`, `devices_per_host`: integers;
         - `device`: a device name (its datasheet links become the defaults too), or a mapping with
           `name`, `memory_bytes` | `memory_gib`, `peak_flops_{fp32,bf16,fp16}` |
-          `peak_tflops_{fp32,bf16,fp16}`, `hbm_bandwidth` | `hbm_gb_s`, overriding the named
-          preset or the spec's device (all fields needed for a custom device without either);
+          `peak_tflops_{fp32,bf16,fp16}`, `hbm_bandwidth` | `hbm_gb_s`, and optionally
+          `kernel_overhead_s` | `kernel_overhead_us` (default 0), overriding the named preset
+          or the spec's device (all but the optional fields needed for a custom device without
+          either);
         - `intra_host_link`, `inter_host_link`: `bandwidth` (bytes/s) | `bandwidth_gb_s`
           (GB/s) | `bandwidth_gbps` (Gbit/s), `latency` (s) | `latency_us`, and `collectives`:
           {all_reduce: {alpha: s, beta: s/byte}, …} as fitted by `hap cluster probe`;

@@ -130,6 +130,10 @@ _DEVICE_UNITS = {
     "peak_flops_bf16": {"peak_flops_bf16": Fraction(1), "peak_tflops_bf16": Fraction(10**12)},
     "peak_flops_fp16": {"peak_flops_fp16": Fraction(1), "peak_tflops_fp16": Fraction(10**12)},
     "hbm_bandwidth": {"hbm_bandwidth": Fraction(1), "hbm_gb_s": Fraction(10**9)},
+    "kernel_overhead_s": {
+        "kernel_overhead_s": Fraction(1),
+        "kernel_overhead_us": Fraction(1, 10**6),
+    },
 }
 _LINK_UNITS = {
     "bandwidth": {
@@ -221,7 +225,11 @@ def _device_from(data: Any, default: DeviceSpec | None) -> DeviceSpec:
     if "name" in data:
         values["name"] = data["name"]
     if default is None:
-        missing = [f.name for f in dataclasses.fields(DeviceSpec) if f.name not in values]
+        missing = [
+            f.name
+            for f in dataclasses.fields(DeviceSpec)
+            if f.name not in values and f.default is dataclasses.MISSING
+        ]
         if missing:
             raise _invalid(f"custom device {data.get('name', '?')!r} is missing {missing}")
     try:

@@ -35,6 +35,10 @@ CPU_INTER_HOST_BANDWIDTH = 1.25e9
 CPU_CORE_PEAK_FLOPS = 1e11
 #: DRAM bandwidth one core streams (a copy reaches ~8 GB/s on one core of the development VM).
 CPU_CORE_MEMORY_BANDWIDTH = 1e10
+#: Host-side time of one eager aten call on one core, autograd included: a chain of scalar
+#: multiplies on a 16-element tensor, forward and backward, takes ~11 µs per dispatched kernel
+#: (torch 2.13, one thread, the development VM; `hap cluster probe` measures it per cluster).
+CPU_KERNEL_OVERHEAD_S = 1.1e-5
 
 #: Datasheet single-precision peaks (non-tensor-core FP32) in TFLOP/s; hardware.csv lists the
 #: dense bf16/fp16 tensor-core peaks only. H100 is the SXM part.

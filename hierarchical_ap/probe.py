@@ -14,11 +14,19 @@ alike), clipped to positive values. The link then carries α = a / ring_steps(c,
 step) and β = b (seconds per byte), which `CostModel` reads back as
 `ring_steps·α + ring_traffic·bytes·β`, i.e. exactly the fitted line at n workers.
 
-For CPU workers a 1024³ fp32 GEMM runs on all workers at once (as in training, where they share
-the host's cores): each repetition starts after a barrier and runs `GEMMS_PER_REP` GEMMs on
-every worker, and its time is the slowest worker's, so the whole window is under full
-contention (a worker that finished early would otherwise let the others run faster than they
-do in training). The per-worker FLOP/s of the median repetition becomes the device's peak.
+For CPU workers three rates of the device are measured the same way, on all workers at once (as
+in training, where they share the host's cores): each repetition starts after a barrier, runs a
+fixed amount of work on every worker, and its time is the slowest worker's, so the whole window
+is under full contention (a worker that finished early would otherwise let the others run
+faster than they do in training); the median repetition gives
+
+* the peak FLOP/s: `GEMMS_PER_REP` 1024³ fp32 GEMMs;
+* the memory bandwidth: `STREAM_PER_REP` out-of-place adds of two 16 MiB fp32 vectors (read
+  two, write one: 48 MiB each);
+* the kernel overhead: `CHAIN_PER_REP` times the forward and backward of a chain of
+  `CHAIN_LENGTH` scalar multiplies on a 16-element tensor that needs a gradient (too small for
+  the maths to count), divided by the aten kernels it dispatches
+  (`hierarchical_ap.profile.KernelCounter`, the same count the profiler gives each node).
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from hierarchical_ap.cluster import CPU_DEVICE_NAME, AlphaBeta, Cluster, Collect
 from hierarchical_ap.cluster_ray import WORKER_RUNTIME_ENV
 from hierarchical_ap.cost_model import ring_steps, ring_traffic
 from hierarchical_ap.errors import ClusterSpecError
+from hierarchical_ap.profile import KernelCounter
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +64,12 @@ DEFAULT_TIMEOUT_S = 120.0
 GEMM_SIZE = 1024
 #: GEMMs each worker runs in one timed window (about 0.1–0.2 s on one shared CPU core).
 GEMMS_PER_REP = 4
+#: fp32 elements of each vector of the bandwidth probe (16 MiB), and adds per window.
+STREAM_NUMEL = 4 * MIB
+STREAM_PER_REP = 8
+#: Scalar multiplies in the kernel-overhead chain, and chains (forward + backward) per window.
+CHAIN_LENGTH = 200
+CHAIN_PER_REP = 10
 #: Floors of the fitted alpha (s) and beta (s/byte) so both stay positive.
 MIN_ALPHA = 1e-9
 MIN_BETA = 1e-15
@@ -73,12 +88,25 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class DeviceRates:
+    """What one CPU worker achieves with every worker busy (module docstring)."""
+
+    gemm_flops: float
+    """FLOP/s of fp32 GEMMs."""
+    memory_bandwidth: float
+    """Bytes/s an elementwise kernel streams."""
+    kernel_overhead_s: float
+    """Seconds of host-side cost per dispatched kernel."""
+
+
+@dataclass(frozen=True)
 class ProbeResult:
-    """The probed cluster (fits on its intra-host link), the raw samples, and the CPU GEMM rate."""
+    """The probed cluster (fits on its intra-host link), the raw samples, and the CPU
+    workers' measured rates (``None`` for GPUs, whose datasheet rates are kept)."""
 
     cluster: Cluster
     samples: tuple[Sample, ...]
-    gemm_flops: float | None
+    rates: DeviceRates | None
 
     @property
     def fits(self) -> dict[Collective, AlphaBeta]:
@@ -119,7 +147,8 @@ def probe(
     """Probe `num_workers` workers of this host ("CPU" workers on gloo, or GPUs of the preset
     `device` on NCCL, one per worker) and return a 1-host cluster whose intra-host link carries
     the fitted alpha/beta per collective and whose bandwidth and latency are the send/recv fit.
-    For CPU workers the device's peak FLOP/s become the measured GEMM rate.
+    For CPU workers the device's peak FLOP/s, memory bandwidth and kernel overhead become the
+    measured rates (`DeviceRates`).
 
     Uses the running Ray instance, or starts a local one and shuts it down afterwards; every
     actor is killed on the way out, and no step (joining, a collective, a Ray call) waits longer
@@ -155,13 +184,13 @@ def probe(
             for size in sizes:
                 report(f"{collective.value} {_human(size)}")
                 samples.append(_measure(workers, collective, size, reps, timeout_s))
-        gemm_flops = None
+        rates = None
         if base.device.is_cpu:
-            report(f"GEMM {GEMM_SIZE}x{GEMM_SIZE}")
-            rates = ray.get(
-                [w.gemm_flops.remote(GEMM_SIZE, reps) for w in workers], timeout=timeout_s
+            report("GEMM, memory bandwidth and kernel overhead")
+            measured = ray.get([w.device_rates.remote(reps) for w in workers], timeout=timeout_s)
+            rates = DeviceRates(
+                *(statistics.median(column) for column in zip(*measured, strict=True))
             )
-            gemm_flops = statistics.median(rates)
     except ray.exceptions.GetTimeoutError as exc:
         raise ClusterSpecError(
             f"probing {num_workers} workers did not finish within {timeout_s:g} s; check that Ray "
@@ -172,10 +201,10 @@ def probe(
             ray.kill(worker, no_restart=True)
         if started_ray:
             ray.shutdown()
-    return ProbeResult(_probed_cluster(base, samples, gemm_flops), tuple(samples), gemm_flops)
+    return ProbeResult(_probed_cluster(base, samples, rates), tuple(samples), rates)
 
 
-def _probed_cluster(base: Cluster, samples: Sequence[Sample], gemm_flops: float | None) -> Cluster:
+def _probed_cluster(base: Cluster, samples: Sequence[Sample], rates: DeviceRates | None) -> Cluster:
     n = base.devices_per_host
     fits = {}
     for collective in Collective:
@@ -194,12 +223,14 @@ def _probed_cluster(base: Cluster, samples: Sequence[Sample], gemm_flops: float 
         base.intra_host_link, bandwidth=1.0 / p2p.beta, latency=p2p.alpha, fitted=fits
     )
     device = base.device
-    if gemm_flops is not None:
+    if rates is not None:
         device = dataclasses.replace(
             device,
-            peak_flops_fp32=gemm_flops,
-            peak_flops_bf16=gemm_flops,
-            peak_flops_fp16=gemm_flops,
+            peak_flops_fp32=rates.gemm_flops,
+            peak_flops_bf16=rates.gemm_flops,
+            peak_flops_fp16=rates.gemm_flops,
+            hbm_bandwidth=rates.memory_bandwidth,
+            kernel_overhead_s=rates.kernel_overhead_s,
         )
     return dataclasses.replace(base, device=device, intra_host_link=link)
 
@@ -248,6 +279,14 @@ def _numel(nbytes: int, world_size: int) -> int:
     """fp32 elements for about `nbytes`, rounded up to a multiple of the world size."""
     numel = -(-nbytes // _ELEMENT_BYTES)
     return -(-numel // world_size) * world_size
+
+
+def _scalar_chain(leaf: torch.Tensor) -> None:
+    """Forward and backward of `CHAIN_LENGTH` scalar multiplies from `leaf`."""
+    value = leaf
+    for _ in range(CHAIN_LENGTH):
+        value = value * 1.0001
+    value.sum().backward()
 
 
 def _free_port() -> int:
@@ -304,26 +343,43 @@ class _Worker:
             times.append(time.perf_counter() - start)
         return times
 
-    def gemm_flops(self, size: int, reps: int) -> float:
-        """Achieved FLOP/s per worker of size³ fp32 GEMMs (2·size³ FLOPs each) with every worker
-        busy: `GEMMS_PER_REP` GEMMs per repetition after a barrier, timed by the slowest worker
-        (an all-reduce of the times), median over reps."""
-        a = torch.randn(size, size, device=self.device)
-        b = torch.randn(size, size, device=self.device)
-        a @ b
-        times = []
+    def device_rates(self, reps: int) -> tuple[float, float, float]:
+        """(GEMM FLOP/s, streaming bytes/s, seconds per kernel) with every worker busy: each
+        the work of one window over the median of `reps` windows (`_contended_seconds`)."""
+        a = torch.randn(GEMM_SIZE, GEMM_SIZE, device=self.device)
+        b = torch.randn(GEMM_SIZE, GEMM_SIZE, device=self.device)
+        gemm = self._contended_seconds(lambda: a @ b, GEMMS_PER_REP, reps)
+        x, y = (torch.randn(STREAM_NUMEL, device=self.device) for _ in range(2))
+        out = torch.empty_like(x)
+        stream = self._contended_seconds(lambda: torch.add(x, y, out=out), STREAM_PER_REP, reps)
+        leaf = torch.ones(16, device=self.device, requires_grad=True)
+        with KernelCounter() as counted:
+            _scalar_chain(leaf)
+        chain = self._contended_seconds(lambda: _scalar_chain(leaf), CHAIN_PER_REP, reps)
+        return (
+            GEMMS_PER_REP * 2 * GEMM_SIZE**3 / gemm,
+            STREAM_PER_REP * 3 * x.nbytes / stream,
+            chain / (CHAIN_PER_REP * counted.count),
+        )
+
+    def _contended_seconds(self, run: Callable[[], object], times: int, reps: int) -> float:
+        """Median over `reps` windows of the slowest worker's time (an all-reduce MAX) to call
+        `run` `times` times, every window starting after a barrier (after one warm-up call)."""
+        run()
+        windows = []
         for _ in range(reps):
             dist.barrier()
             self._sync()
             start = time.perf_counter()
-            for _ in range(GEMMS_PER_REP):
-                a @ b
+            for _ in range(times):
+                run()
             self._sync()
-            elapsed = time.perf_counter() - start
-            slowest = torch.tensor([elapsed], dtype=torch.float64, device=self.device)
+            slowest = torch.tensor(
+                [time.perf_counter() - start], dtype=torch.float64, device=self.device
+            )
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            times.append(slowest.item())
-        return GEMMS_PER_REP * 2 * size**3 / statistics.median(times)
+            windows.append(slowest.item())
+        return statistics.median(windows)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -12,9 +12,17 @@ dtypes and strides, no storage), forward and backward:
   the node's inputs (by storage), its outputs, or new internal buffers (masks, statistics).
 * forward bytes are the bytes of the tensor inputs read plus the outputs written (zero for views);
   backward bytes are ``grad outputs + saved tensors + grad inputs``.
+* forward and backward kernels count the aten calls that reach the dispatcher below autograd
+  (``TorchDispatchMode``): what eager execution launches, one by one, after composite ops
+  decompose (``linear`` is ``t`` + ``addmm``; its backward two ``mm``, a ``sum`` and views).
+  ``CostModel`` charges each a fixed host-side time (``DeviceSpec.kernel_overhead_s``).
 
 Nodes with identical signatures (op, shapes, strides, dtypes, constants, which inputs need grad)
 share one profile, so the 96 blocks of GPT-3 are profiled once.
+
+``optimizer_update_profile`` does the same for the optimizer step: it runs the real
+``torch.optim`` optimizer on a small fp32 parameter and counts, per parameter tensor, the
+kernels one step dispatches and the bytes they read and write per element.
 """
 
 from __future__ import annotations
@@ -22,11 +30,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -83,6 +93,10 @@ class NodeProfile:
     saved: tuple[SavedTensor, ...]
     output_aliases_input: int | None
     """Index of the tensor input whose storage the (first) output shares, for views; else None."""
+    forward_kernels: int = 0
+    """Aten calls the forward dispatches (module docstring)."""
+    backward_kernels: int = 0
+    """Aten calls the backward dispatches (0 when nothing needs a gradient)."""
 
     @property
     def internal_saved_bytes(self) -> int:
@@ -148,24 +162,25 @@ class SymbolicProfiler:
                 call_args, call_kwargs = _sdpa_without_dropout(call_args, call_kwargs)
 
             saved: list[torch.Tensor] = []
-            with FlopCounterMode(display=False) as forward_counter:
+            with FlopCounterMode(display=False) as forward_counter, KernelCounter() as launched:
                 with torch.autograd.graph.saved_tensors_hooks(_recorder(saved), lambda t: t):
                     result = target(*call_args, **call_kwargs)
+            forward_kernels = launched.count
             outputs = [t for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
             forward_flops = forward_counter.get_total_flops()
 
             differentiable = [o for o in outputs if o.requires_grad]
             grad_inputs = [t for t in inputs if t.requires_grad]
-            backward_flops = 0
+            backward_flops = backward_kernels = 0
             if differentiable and grad_inputs:
-                with FlopCounterMode(display=False) as backward_counter:
-                    torch.autograd.grad(
-                        differentiable,
-                        grad_inputs,
-                        [torch.ones_like(o) for o in differentiable],
-                        allow_unused=True,
-                    )
+                seeds = [torch.ones_like(o) for o in differentiable]
+                with (
+                    FlopCounterMode(display=False) as backward_counter,
+                    KernelCounter() as launched,
+                ):
+                    torch.autograd.grad(differentiable, grad_inputs, seeds, allow_unused=True)
                 backward_flops = backward_counter.get_total_flops()
+                backward_kernels = launched.count
             if target is _SDPA:
                 forward_flops = sdpa_flop_count(*(tuple(t.shape) for t in inputs[:3]))
                 backward_flops = 2 * forward_flops if differentiable else 0
@@ -190,7 +205,68 @@ class SymbolicProfiler:
             backward_bytes=int(backward_bytes),
             saved=tuple(saved_tensors),
             output_aliases_input=alias,
+            forward_kernels=forward_kernels,
+            backward_kernels=backward_kernels,
         )
+
+
+@dataclass(frozen=True)
+class UpdateProfile:
+    """One optimizer step on one parameter tensor of ``n`` elements dispatches ``kernels``
+    kernels that move ``bytes_per_element · n`` bytes."""
+
+    kernels: int
+    bytes_per_element: float
+
+
+#: ``TrainingMemory`` optimizer names → the torch optimizer and settings of the step profiled.
+_OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
+    "adam": (torch.optim.Adam, {}),
+    "adamw": (torch.optim.AdamW, {}),
+    "sgd-momentum": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    "sgd": (torch.optim.SGD, {"lr": 0.1}),
+}
+_UPDATE_PROBE_NUMEL = 4096
+
+
+@cache
+def optimizer_update_profile(optimizer: str) -> UpdateProfile:
+    """Kernels and bytes per element of one step of ``optimizer`` on one parameter tensor,
+    counted on a real fp32 parameter of 4096 elements (after a first step has created the
+    state, as in training). Bytes are every kernel's tensor arguments plus its outputs (an
+    in-place update reads and writes its tensor); the parameter ``torch.optim`` picks for a CPU
+    tensor (its per-tensor loop) is what the runtime runs on CPU workers."""
+    if optimizer not in _OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(_OPTIMIZERS)}")
+    kind, settings = _OPTIMIZERS[optimizer]
+    param = torch.nn.Parameter(torch.ones(_UPDATE_PROBE_NUMEL))
+    param.grad = torch.full_like(param, 0.5)
+    step = kind([param], **settings)
+    step.step()
+    with KernelCounter() as counted:
+        step.step()
+    return UpdateProfile(counted.count, counted.bytes / _UPDATE_PROBE_NUMEL)
+
+
+class KernelCounter(TorchDispatchMode):
+    """Counts the aten calls that reach the dispatcher below autograd while it is active
+    (``prim`` queries such as ``prim.device``, which fake tensors answer, are not kernels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.bytes = 0
+        """Bytes of the counted kernels' tensor arguments and outputs (real tensors only)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if func.namespace == "aten":
+            self.count += 1
+            for tensor in pytree.tree_leaves((args, kwargs, result)):
+                if isinstance(tensor, torch.Tensor):
+                    self.bytes += tensor.numel() * tensor.element_size()
+        return result
 
 
 def _recorder(saved: list[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -86,6 +86,9 @@ class TrainingMemory:
 
     gradient_factor: float = 1.0
     optimizer_factor: float = 2.0
+    optimizer: str = "adam"
+    """The optimizer these moments belong to (``hierarchical_ap.profile.optimizer_update_profile``
+    prices its step)."""
 
     @classmethod
     def for_training(
@@ -109,7 +112,7 @@ class TrainingMemory:
         gradient_bytes = 4 if fp32_gradients else width
         master_bytes = 4 if width < 4 else 0
         optimizer_bytes = master_bytes + 4 * moments[optimizer]
-        return cls(gradient_bytes / width, optimizer_bytes / width)
+        return cls(gradient_bytes / width, optimizer_bytes / width, optimizer)
 
     def bytes_per_parameter(self, param_dtype: torch.dtype) -> float:
         return param_dtype.itemsize * (1 + self.gradient_factor + self.optimizer_factor)

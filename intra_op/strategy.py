@@ -9,7 +9,8 @@ A strategy of a node on a logical mesh fixes
   (``input_grads``; e.g. a column-parallel linear takes a replicated input and returns a
   ``Partial`` input gradient, so the ILP pays an all-reduce on that edge in backward),
 * how many ways its work is split (``work_split``), giving its forward + backward compute time
-  on one device through the cost model's roofline,
+  on one device through the cost model's roofline (FLOPs and bytes split ``work_split`` ways;
+  the kernels each device dispatches, with their fixed cost, do not split),
 * collectives the op needs internally, beyond redistributing its inputs (``comm_time_s``).
 
 Strategy *rules* (``intra_op.strategies``) produce the strategies of one aten op. A rule may
@@ -74,17 +75,21 @@ class StrategyContext:
         return self.graph.value_meta(node.inputs[index])
 
     def compute_time(self, node: OpNode, work_split: int) -> float:
-        """Forward + backward roofline time of ``node`` with its work split ``work_split`` ways."""
+        """Forward + backward time of ``node`` with its work split ``work_split`` ways."""
         profile = node.profile
         dtype = node.outputs[0].dtype if node.outputs else torch.float32
         device = self.mesh.submesh.cluster.device
         backward = self.cost.op_time(
-            profile.backward_flops / work_split, profile.backward_bytes / work_split, device, dtype
+            profile.backward_flops / work_split,
+            profile.backward_bytes / work_split,
+            device,
+            dtype,
+            profile.backward_kernels,
         )
         return self.forward_time(node, work_split) + backward
 
     def forward_time(self, node: OpNode, work_split: int) -> float:
-        """Forward roofline time of ``node`` with its work split ``work_split`` ways."""
+        """Forward time of ``node`` with its work split ``work_split`` ways."""
         profile = node.profile
         dtype = node.outputs[0].dtype if node.outputs else torch.float32
         return self.cost.op_time(
@@ -92,6 +97,7 @@ class StrategyContext:
             profile.forward_bytes / work_split,
             self.mesh.submesh.cluster.device,
             dtype,
+            profile.forward_kernels,
         )
 
     def strategy(

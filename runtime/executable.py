@@ -9,6 +9,9 @@ among themselves; the driver only waits. A worker that dies, or fails, makes the
 does not finish within the time limit raises it too. After such an error the executable is
 unusable; ``shutdown`` (also on ``with`` exit) kills every actor in any case.
 
+``last_step_trace()`` returns every worker's measured timeline of the last step
+(``runtime.step_trace``): per instruction, and the closing gradient sync and optimizer step.
+
 ``save_checkpoint(path)`` / ``load_checkpoint(path)`` write and restore the sharded parameters
 and optimizer state with ``torch.distributed.checkpoint`` (``runtime.checkpoint``); a checkpoint
 loads into an executable of any plan for the same model, and ``steps`` counts on from it.
@@ -39,6 +42,7 @@ from hierarchical_ap.plan import ParallelPlan
 from runtime import checkpoint
 from runtime.actors import ensure_ray, start_actors, stop_actors
 from runtime.precision import policy_for
+from runtime.step_trace import TimedOp
 from runtime.worker import OptimizerFn, TrainingProgram, model_leaves
 
 logger = logging.getLogger(__name__)
@@ -158,6 +162,12 @@ class ParallelExecutable:
         self.steps += 1
         losses = next(r for r in results if r is not None)
         return float(sum(losses) / len(losses))
+
+    def last_step_trace(self) -> list[tuple[TimedOp, ...]]:
+        """The measured timeline of the last ``train_step`` on every worker, in rank order
+        (``runtime.step_trace``; empty before the first step)."""
+        self._check_usable()
+        return self._wait([w.step_trace.remote() for w in self.workers], self._timeout_s)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full, unsharded parameters and buffers with the keys of ``model.state_dict()``."""

@@ -34,6 +34,7 @@ it on bare gloo processes). Its life:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -68,6 +69,7 @@ from runtime.optimizer import OptimizerFn, ShardOptimizer
 from runtime.precision import PrecisionPolicy, master_fingerprint, policy_for
 from runtime.stage_graph import slice_stages
 from runtime.stage_program import StageProgram, batch_placements, full_parameters
+from runtime.step_trace import OPTIMIZER, SYNC_SHARED, WAIT_SENDS, TimedOp
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +87,11 @@ class TrainingProgram:
     loss_fn: Callable[..., torch.Tensor] | None
     optimizer_fn: OptimizerFn
     init_seed: int = 0
+
+
+def _wait_all(transfers: Iterable[boundary.PendingTransfer]) -> None:
+    for transfer in transfers:
+        transfer.wait()
 
 
 def model_leaves(inputs: Any) -> list[Any]:
@@ -122,6 +129,9 @@ class PipelineWorker:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.programs: dict[int, StageProgram] = {}
+        self.last_step_trace: tuple[TimedOp, ...] = ()
+        """The timeline of the last ``train_step`` (``runtime.step_trace``; host-side times, so
+        on a GPU a forward or backward shows when its kernels were launched, not run)."""
 
     # ------------------------------------------------------------------------ setting up
 
@@ -304,8 +314,12 @@ class PipelineWorker:
         outbox: dict[tuple[str, int, int], list[torch.Tensor]] = {}
         pending: list[boundary.PendingTransfer] = []
         steps = self.instructions
+        clock = time.perf_counter
+        began = clock()
+        trace: list[TimedOp] = []
         posted = {i: self._start_receive(steps[i]) for i in self.receive_posting.at_start}
         for index, step in enumerate(steps):
+            started = clock() - began
             program = self.programs[step.stage]
             mb = step.microbatch
             if step.op in (RECV_ACTIVATION, RECV_GRADIENT):
@@ -337,13 +351,23 @@ class PipelineWorker:
                 program.free(mb)
             elif step.op == SEND_GRADIENT:
                 pending += self._send(step, outbox.pop(("grad", step.stage, mb)), boundary.GRADIENT)
-        for transfer in pending:
-            transfer.wait()
-        self._sync_shared_gradients()
-        self.optimizer.step()
+            trace.append(TimedOp(step.op, step.stage, mb, started, clock() - began))
+        for phase, run in (
+            (WAIT_SENDS, lambda: _wait_all(pending)),
+            (SYNC_SHARED, self._sync_shared_gradients),
+            (OPTIMIZER, self.optimizer.step),
+        ):
+            started = clock() - began
+            run()
+            trace.append(TimedOp(phase, -1, -1, started, clock() - began))
+        self.last_step_trace = tuple(trace)
         if not self._reports_loss():
             return None
         return [losses[mb] for mb in range(plan.num_microbatches)]
+
+    def step_trace(self) -> tuple[TimedOp, ...]:
+        """``last_step_trace`` (a method, so a Ray actor can return it)."""
+        return self.last_step_trace
 
     def _microbatch_inputs(
         self, inputs: Any, targets: Any, num_microbatches: int

@@ -180,7 +180,7 @@ def price_all(
 _ARRAYS = (
     "time",
     "forward",
-    "sync",
+    "closing",
     "kept",
     "inputs",
     "largest",
@@ -197,7 +197,8 @@ class _LayerCosts:
 
     time: np.ndarray
     forward: np.ndarray
-    sync: np.ndarray
+    closing: np.ndarray
+    """Once per step: gradient synchronisation plus optimizer step."""
     kept: np.ndarray
     inputs: np.ndarray
     largest: np.ndarray
@@ -479,8 +480,8 @@ class _Search:
         chunks, pp = config.pp * config.virtual_stages, config.pp
         full = config.recompute == "full"
         forward = _chunk_sums(costs.forward, chunks)
-        sync = _chunk_sums(costs.sync, chunks)
-        backward = _chunk_sums(costs.time, chunks) - sync / microbatches - forward
+        closing = _chunk_sums(costs.closing, chunks)
+        backward = _chunk_sums(costs.time, chunks) - closing / microbatches - forward
         if full:
             backward = backward + forward
         kept = _chunk_sums(costs.inputs if full else costs.kept, chunks)
@@ -510,7 +511,7 @@ class _Search:
             smallest = min(smallest, memory.total)
             if memory.total <= self.context.budget:
                 bound = _step_lower_bound(
-                    forward[level], backward[level], sync[level], microbatches, config
+                    forward[level], backward[level], closing[level], microbatches, config
                 )
                 fitting.append((bound, level, memory))
         if not fitting:
@@ -561,7 +562,9 @@ class _Search:
             for index, (layer, costs) in enumerate(zip(self.layers, answers, strict=True)):
                 arrays["time"][level, index] = sum(c.time_s for c in costs)
                 arrays["forward"][level, index] = sum(c.forward_time_s for c in costs)
-                arrays["sync"][level, index] = sum(c.gradient_sync_s for c in costs)
+                arrays["closing"][level, index] = sum(
+                    c.gradient_sync_s + c.optimizer_s for c in costs
+                )
                 arrays["kept"][level, index] = sum(c.activation_bytes for c in costs)
                 arrays["inputs"][level, index] = sum(c.input_bytes for c in costs)
                 arrays["largest"][level, index] = max(c.activation_bytes for c in costs)
@@ -631,11 +634,12 @@ class _Search:
 def _step_lower_bound(
     forward: np.ndarray,
     backward: np.ndarray,
-    sync: np.ndarray,
+    closing: np.ndarray,
     microbatches: int,
     config: Configuration,
 ) -> float:
-    """A lower bound on the simulator's step ``max_r (end_r + sync_r)``, per chunk times given.
+    """A lower bound on the simulator's step ``max_r (end_r + closing_r)`` (gradient sync and
+    optimizer step), per chunk times given.
 
     Rank ``r`` cannot start before micro-batch 0 has gone forward through chunks ``0..r−1``
     and then runs ``m`` forwards and backwards of each of its chunks, so
@@ -644,11 +648,11 @@ def _step_lower_bound(
     pp = config.pp
     work = (forward + backward).reshape(-1, pp).sum(axis=0) * microbatches
     fill = np.concatenate([[0.0], np.cumsum(forward[: pp - 1])])
-    syncs = sync.reshape(-1, pp).sum(axis=0)
+    closings = closing.reshape(-1, pp).sum(axis=0)
     last = schedules.makespan_lower_bound(
         list(forward), list(backward), microbatches, config.virtual_stages
     )
-    return float(max((fill + work + syncs).max(), last + syncs[0]))
+    return float(max((fill + work + closings).max(), last + closings[0]))
 
 
 def _outranked(bound: float, limit: float, kind: str) -> str:

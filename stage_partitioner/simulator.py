@@ -4,14 +4,16 @@ A *candidate* is a list of stages (layer ranges, each with a mesh, a memory leve
 and recomputation), a micro-batching and a schedule. Its prediction:
 
 * per stage and micro-batch: forward ``f_i`` and backward ``b_i`` times from the intra-op ILP
-  of its parts (full recomputation runs the forward again inside the backward), without the
-  gradient synchronisation, which runs once after the stage's last backward;
+  of its parts (full recomputation runs the forward again inside the backward; the backward
+  includes accumulating the parameters' gradients), without the gradient synchronisation and
+  the optimizer step, which run once after the stage's last backward;
 * the schedule (``hierarchical_ap.schedules``) is played as an event simulation over ranks,
   with the activation (and gradient) transfer between consecutive stages,
   ``send = boundary_bytes / rows_of_receiving_mesh`` over the link between them;
-* the step ends when the last rank has finished its last backward and its gradient sync:
+* the step ends when the last rank has finished its last backward, its gradient sync and its
+  optimizer step:
 
-      T = max_r (end of rank r's last task + Σ_{stages i on r} sync_i)
+      T = max_r (end of rank r's last task + Σ_{stages i on r} (sync_i + update_i))
 
 * memory per device of stage ``i`` on rank ``r``: training state plus the activations of the
   micro-batches the schedule keeps in flight on ``r`` (``schedules.in_flight``), plus what a
@@ -61,6 +63,7 @@ class StageEstimate:
     forward_s: float
     backward_s: float
     gradient_sync_s: float
+    optimizer_s: float
     send_s: float
     """Moving this stage's output to the next stage (and its gradient back), per micro-batch."""
     state_bytes: float
@@ -119,7 +122,8 @@ class Simulator:
         if any(c is None for c in costs):
             return None
         sync = sum(c.gradient_sync_s for c in costs)
-        total = sum(c.time_s for c in costs) - sync / candidate.num_microbatches
+        update = sum(c.optimizer_s for c in costs)
+        total = sum(c.time_s for c in costs) - (sync + update) / candidate.num_microbatches
         forward = sum(c.forward_time_s for c in costs)
         kept = sum(c.activation_bytes for c in costs)
         if option.recompute == "full":
@@ -132,6 +136,7 @@ class Simulator:
             forward_s=forward,
             backward_s=total - forward,
             gradient_sync_s=sync,
+            optimizer_s=update,
             send_s=self._send_time(candidate, index),
             state_bytes=sum(c.state_bytes for c in costs),
             activation_bytes=activation,
@@ -162,8 +167,12 @@ class Simulator:
         step = 0.0
         for rank, timed in enumerate(timeline.per_rank()):
             end = max((t.end for t in timed), default=0.0)
-            sync = sum(e.gradient_sync_s for i, e in enumerate(estimates) if i % ranks == rank)
-            step = max(step, end + sync)
+            closing = sum(
+                e.gradient_sync_s + e.optimizer_s
+                for i, e in enumerate(estimates)
+                if i % ranks == rank
+            )
+            step = max(step, end + closing)
         shared = [self._duplicate_state_bytes(candidate, rank) for rank in range(ranks)]
         memory = tuple(
             _memory(self.solver, estimates, i, ranks, in_flight[i % ranks], shared[i % ranks])

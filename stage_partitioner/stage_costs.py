@@ -5,6 +5,7 @@ submesh viewed as the logical mesh ``(d, t)`` takes, per micro-batch,
 
     t[k, j] = Σ_{parts p of layers k..j} ILP(p, mesh, b).time           (forward + backward)
               + Σ_p ILP(p, mesh, b).forward_time        with full recomputation
+              + Σ_p (accumulate(p) + update(p) / B)     (parameter updates, below)
 
 and holds per device
 
@@ -18,7 +19,13 @@ and holds per device
                                                    again while it is recomputed)
 
 where ``ILP(p, mesh, b)`` is ``intra_op.solve_sharding`` on the nodes of part ``p`` at batch
-``b``. Identical parts (same structural hash) are solved once per (mesh, b): the 96 blocks of
+``b``, and, for the parameters of ``p`` as the ILP placed them, ``accumulate(p)`` is the
+per-micro-batch gradient accumulation and ``update(p)`` the optimizer step of the ``B``
+micro-batches' step (``CostModel.gradient_accumulation_time`` and ``optimizer_step_time``,
+with the optimizer ``TrainingMemory`` names and the per-device gradient and optimizer shares of
+each parameter); like the once-per-step gradient synchronisation, the update is charged ``1/B``
+per micro-batch here and kept apart (``PartCost.optimizer_s``) for the simulator to run once.
+ Identical parts (same structural hash) are solved once per (mesh, b): the 96 blocks of
 GPT-3 cost one solve per mesh. Solves run in parallel worker processes with a progress bar and
 are cached for the lifetime of the table's ``PartSolver``.
 
@@ -51,6 +58,7 @@ from hierarchical_ap.cluster import Cluster, LogicalMesh
 from hierarchical_ap.cost_model import CostModel
 from hierarchical_ap.errors import NoFeasiblePlanError
 from hierarchical_ap.graph import OpGraph
+from hierarchical_ap.profile import optimizer_update_profile
 from intra_op.cost_graph import (
     CostGraph,
     TrainingMemory,
@@ -58,7 +66,7 @@ from intra_op.cost_graph import (
     parameter_state_bytes,
 )
 from intra_op.ilp import IlpSession
-from intra_op.placement import Placements, Shard
+from intra_op.placement import Placements, Shard, shard_factor
 from intra_op.solve import solve_cost_graph
 from intra_op.zero import ZeroStage
 from stage_partitioner.layers import LayerPart, PlanningLayer
@@ -88,8 +96,11 @@ class PartCost:
     """The ILP's answer for one part on one mesh at one micro-batch size."""
 
     time_s: float
+    """Per micro-batch: the ILP's cost plus gradient accumulation plus ``optimizer_s / B``."""
     forward_time_s: float
     gradient_sync_s: float
+    optimizer_s: float
+    """The optimizer step over the part's parameters, once per step."""
     state_bytes: float
     activation_bytes: float
     input_bytes: float
@@ -234,6 +245,7 @@ class PartSolver:
             session,
             prefix=layer_prefix(graph, nodes),
             input_bytes=_external_input_bytes(graph, nodes) / logical.shape[0],
+            num_microbatches=self.num_microbatches_of(b),
         )
         levels: list[PartCost | None] = [self._solve_one(part, None, False)]
         if levels[0] is None:
@@ -269,10 +281,12 @@ class PartSolver:
             return None
         prefix = part.prefix
         mesh_shape = tuple(part.mesh.shape)
+        accumulate, update = self._update_times(part, solution.param_placements)
         return PartCost(
-            time_s=solution.cost_s,
+            time_s=solution.cost_s + accumulate + update / part.num_microbatches,
             forward_time_s=solution.forward_time_s,
             gradient_sync_s=solution.gradient_sync_s,
+            optimizer_s=update,
             state_bytes=solution.state_bytes_per_device,
             activation_bytes=solution.activation_bytes_per_device,
             input_bytes=part.input_bytes,
@@ -288,6 +302,40 @@ class PartSolver:
             },
         )
 
+    def _update_times(
+        self, part: _Part, placements: Mapping[str, Placements]
+    ) -> tuple[float, float]:
+        """(gradient accumulation per micro-batch, optimizer step) of the part's parameters
+        stored as ``placements``: per device, each parameter's gradient bytes and the elements
+        of its optimizer shard (the state split as ``parameter_state_bytes`` splits it)."""
+        memory, mesh_shape = self.training_memory, tuple(part.mesh.shape)
+        device = part.mesh.submesh.cluster.device
+        factors = (memory.gradient_factor, memory.optimizer_factor)
+        gradient_bytes, elements = [], []
+        for fqn, stored in placements.items():
+            meta = part.graph.param_shapes[fqn]
+            if self.zero is None:
+                share = 1 / shard_factor(stored, mesh_shape)
+                gradient_bytes.append(meta.nbytes * factors[0] * share)
+            else:
+                split = self.zero.state_bytes(meta, stored, mesh_shape, *factors)
+                gradient_bytes.append(split.gradients)
+                share = (
+                    split.optimizer / (meta.nbytes * factors[1])
+                    if factors[1] > 0
+                    else split.parameters / meta.nbytes
+                )
+            elements.append(meta.numel * share)
+        update = optimizer_update_profile(memory.optimizer)
+        return (
+            self.cost_model.gradient_accumulation_time(
+                gradient_bytes, device, part.num_microbatches
+            ),
+            self.cost_model.optimizer_step_time(
+                update.kernels, update.bytes_per_element, elements, device
+            ),
+        )
+
 
 @dataclass(frozen=True)
 class _Part:
@@ -300,6 +348,7 @@ class _Part:
     session: IlpSession
     prefix: str
     input_bytes: float
+    num_microbatches: int
 
 
 _SOLVER: PartSolver | None = None

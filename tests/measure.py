@@ -73,3 +73,30 @@ def measured_node_forward_flops(graph: OpGraph, flat_inputs: Sequence[Any]) -> d
     with torch.no_grad():
         interpreter.run(*flat_inputs)
     return interpreter.flops
+
+
+class _AtenCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts aten calls below autograd, split by when they happen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func.namespace == "aten":
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def measured_kernel_calls(
+    model: nn.Module, inputs: Sequence[torch.Tensor], loss_fn: Callable, targets: torch.Tensor
+) -> tuple[int, int]:
+    """(forward, backward) aten calls of one real eager training step of ``model``: the model
+    and loss forward, then ``loss.backward()`` (gradients of leaves that had none yet)."""
+    model.zero_grad(set_to_none=True)
+    counter = _AtenCalls()
+    with counter:
+        loss = loss_fn(model(*inputs), targets)
+        forward = counter.calls
+        loss.backward()
+    return forward, counter.calls - forward

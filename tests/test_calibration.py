@@ -144,8 +144,10 @@ def test_interleaved_timeline_is_a_valid_schedule(gpt3_interleaved):
                 if s + 1 < len(stages):
                     assert t.start >= ends["backward", mb, s + 1] + stages[s].send_s - 1e-12
             free = t.end
-    # the step is the last rank to finish its backwards plus its gradient synchronisation
-    syncs = [sum(e.gradient_sync_s for e in stages[r::p]) for r in range(p)]
+    # the step is the last rank to finish its backwards plus its gradient synchronisation and
+    # its optimizer step
+    syncs = [sum(e.gradient_sync_s + e.optimizer_s for e in stages[r::p]) for r in range(p)]
+    assert all(e.optimizer_s > 0 for e in stages)
     last = [max(t.end for t in timed) for timed in per_rank]
     assert simulation.step_time_s == pytest.approx(
         max(e + s for e, s in zip(last, syncs, strict=True))

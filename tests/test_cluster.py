@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 from importlib import resources
@@ -14,6 +15,7 @@ import torch
 from hierarchical_ap.cluster import (
     CPU_CORE_PEAK_FLOPS,
     CPU_INTER_HOST_BANDWIDTH,
+    CPU_KERNEL_OVERHEAD_S,
     ETHERNET_LATENCY_S,
     INFINIBAND_LATENCY_S,
     LOOPBACK_BANDWIDTH,
@@ -111,6 +113,10 @@ def test_cpu_device_is_a_share_of_the_host():
     assert device.memory_bytes == 4 * GIB
     assert device.peak_flops(torch.float32) == CPU_CORE_PEAK_FLOPS * 2 / 4
     assert device.peak_flops(torch.bfloat16) == device.peak_flops(torch.float32)
+    # dispatch runs on one thread: it slows down only when workers take turns on a core
+    assert device.kernel_overhead_s == CPU_KERNEL_OVERHEAD_S * 2
+    assert DeviceSpec.cpu(2, host_cores=8).kernel_overhead_s == CPU_KERNEL_OVERHEAD_S
+    assert DeviceSpec.preset("A100-80GB").kernel_overhead_s == 0.0
 
 
 def test_peak_flops_of_other_dtypes_is_fp32():
@@ -299,7 +305,8 @@ def probed_cluster() -> Cluster:
     }
     cluster = Cluster.local_cpu(2)
     link = Link(3e9, 3e-4, fits)
-    return Cluster(1, 2, cluster.device, link, cluster.inter_host_link, "gloo")
+    device = dataclasses.replace(cluster.device, kernel_overhead_s=2.5e-5, hbm_bandwidth=5.1e9)
+    return Cluster(1, 2, device, link, cluster.inter_host_link, "gloo")
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".yml", ".json"])
@@ -335,7 +342,7 @@ def test_overrides_on_a_spec(tmp_path):
         "spec: 2x8xA100-80GB\n"
         "num_hosts: 4\n"
         "backend: gloo\n"
-        "device: {memory_gib: 40, peak_tflops_bf16: 200}\n"
+        "device: {memory_gib: 40, peak_tflops_bf16: 200, kernel_overhead_us: 12}\n"
         "intra_host_link: {bandwidth_gb_s: 150, latency_us: 2}\n"
         "inter_host_link: {bandwidth: 25e9}\n"  # YAML reads 25e9 as a string
     )
@@ -343,6 +350,7 @@ def test_overrides_on_a_spec(tmp_path):
     assert (cluster.num_hosts, cluster.devices_per_host, cluster.backend) == (4, 8, "gloo")
     assert cluster.device.memory_bytes == 40 * GIB
     assert cluster.device.peak_flops_bf16 == 200e12
+    assert cluster.device.kernel_overhead_s == 12e-6
     assert cluster.device.peak_flops_fp32 == base.device.peak_flops_fp32
     assert cluster.intra_host_link == Link(150e9, 2e-6)
     assert cluster.inter_host_link == Link(25e9, INFINIBAND_LATENCY_S)
@@ -423,6 +431,11 @@ def test_fully_explicit_custom_device(tmp_path):
             "c.yaml",
             "spec: 2x8xA100-80GB\ndevice: {memory_gib: -1}\n",
             "device: DeviceSpec.memory_bytes",
+        ),
+        (
+            "c.yaml",
+            "spec: 2x8xA100-80GB\ndevice: {kernel_overhead_s: -1}\n",
+            "DeviceSpec.kernel_overhead_s must be a finite number >= 0",
         ),
         (
             "c.yaml",

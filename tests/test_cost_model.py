@@ -44,13 +44,51 @@ def test_elementwise_op_is_memory_bound():
     assert model.op_time(0, 0, a100x2.device, torch.int64) == 0.0
 
 
+def test_kernels_add_their_fixed_cost_to_the_roofline():
+    device = dataclasses.replace(a100x2.device, kernel_overhead_s=10e-6)
+    n = 8192
+    flops = 2 * n**3
+    assert model.op_time(flops, 0, device, torch.bfloat16, kernels=3) == approx(
+        3 * 10e-6 + flops / (312e12 * 0.6)
+    )
+    assert model.op_time(0, 0, device, torch.float32, kernels=4) == approx(40e-6)
+    # the datasheet presets leave it out: kernels cost nothing there
+    assert model.op_time(flops, 0, a100x2.device, torch.bfloat16, kernels=3) == approx(
+        flops / (312e12 * 0.6)
+    )
+
+
+def test_gradient_accumulation_and_optimizer_step_by_hand():
+    cpu = dataclasses.replace(
+        Cluster.local_cpu(2).device, hbm_bandwidth=5e9, kernel_overhead_s=20e-6
+    )
+    cost = CostModel.for_cluster(Cluster.local_cpu(2))
+    # 4 micro-batches: 3 of 4 add into the accumulated gradient, one kernel each, reading two
+    # buffers of g bytes and writing one
+    gradients = [4e6, 1e3]
+    per_microbatch = 3 / 4 * sum(20e-6 + 3 * g / 5e9 for g in gradients)
+    assert cost.gradient_accumulation_time(gradients, cpu, 4) == approx(per_microbatch)
+    assert cost.gradient_accumulation_time(gradients, cpu, 1) == 0.0
+    # an update of k = 10 kernels moving 84 bytes per element, over tensors of 1e6 and 256
+    elements = [1e6, 256]
+    update = sum(10 * 20e-6 + 84 * n / 5e9 for n in elements)
+    assert cost.optimizer_step_time(10, 84.0, elements, cpu) == approx(update)
+    with pytest.raises(ValueError, match="num_microbatches must be >= 1"):
+        cost.gradient_accumulation_time(gradients, cpu, 0)
+    # Megatron-LM's fused accumulation (the GPU default) adds into the buffer inside the GEMM
+    assert model.fused_gradient_accumulation
+    assert model.gradient_accumulation_time(gradients, cpu, 4) == 0.0
+
+
 def test_cost_model_parameters_are_checked():
     with pytest.raises(ValueError, match="matmul_efficiency must be in"):
         CostModel(matmul_efficiency=1.5)
-    with pytest.raises(ValueError, match="flops and bytes must be >= 0"):
+    with pytest.raises(ValueError, match="flops, bytes and kernels must be >= 0"):
         model.op_time(-1, 0, a100x2.device, torch.float32)
+    with pytest.raises(ValueError, match="flops, bytes and kernels must be >= 0"):
+        model.op_time(0, 0, a100x2.device, torch.float32, kernels=-1)
     assert CostModel.for_cluster(a100x2) == CostModel(0.6, 0.8, 0.8)
-    assert CostModel.for_cluster(Cluster.local_cpu(2)) == CostModel(1.0, 1.0, 1.0)
+    assert CostModel.for_cluster(Cluster.local_cpu(2)) == CostModel(1.0, 1.0, 1.0, False)
 
 
 # ----------------------------------------------------------------------------------- one host

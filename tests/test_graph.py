@@ -10,6 +10,7 @@ from torch import nn
 from hierarchical_ap import CaptureError, capture
 from tests.measure import (
     graph_inputs,
+    measured_kernel_calls,
     measured_node_forward_flops,
     measured_saved_bytes,
     measured_train_flops,
@@ -56,6 +57,24 @@ def test_node_forward_flops_match_real_flop_counter(name):
     for node in graph.nodes.values():
         assert node.profile.forward_flops == measured[node.name], node.name
     assert sum(measured.values()) > 0
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_counts_match_a_real_eager_step(name):
+    # the nodes' counts, summed, against the aten calls of one real forward and backward; the
+    # eager step also runs what no node holds (autograd summing the gradients of a value
+    # read twice, the loss's seed), hence the slack
+    model, inputs, loss_fn, targets = CASES[name]
+    graph = capture(model, inputs, loss_fn=loss_fn, targets=targets)
+    forward, backward = measured_kernel_calls(model, inputs, loss_fn, targets)
+    profiled_forward = sum(n.profile.forward_kernels for n in graph.nodes.values())
+    profiled_backward = sum(n.profile.backward_kernels for n in graph.nodes.values())
+    assert abs(profiled_forward - forward) <= max(5, 0.1 * forward)
+    assert abs(profiled_backward - backward) <= max(5, 0.1 * backward)
+    linear = next(n for n in graph.nodes.values() if n.target == "aten.linear.default")
+    # t + addmm on a 2-d input (plus two views on a 3-d one); backward two mm, a sum, views
+    assert linear.profile.forward_kernels in (2, 4)
+    assert linear.profile.backward_kernels >= 4
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from hierarchical_ap.cluster import Cluster, Collective
+from hierarchical_ap.cluster import Cluster, Collective, DeviceSpec
 from hierarchical_ap.commands import cluster as cluster_command
 from hierarchical_ap.cost_model import CostModel
 from hierarchical_ap.errors import ClusterSpecError
@@ -120,6 +120,10 @@ def check_probed_file(path, workers: int) -> Cluster:
         fit = link.fit(collective)
         assert fit is not None and fit.alpha > 0 and fit.beta > 0, collective
     assert cluster.device.peak_flops_fp32 > 1e8  # the measured GEMM rate
+    default = DeviceSpec.cpu(workers)
+    assert cluster.device.hbm_bandwidth != default.hbm_bandwidth  # measured, not the default
+    assert 1e8 < cluster.device.hbm_bandwidth < 1e12
+    assert 1e-7 < cluster.device.kernel_overhead_s < 1e-3
     axis = cluster.logical_mesh((1, workers)).axes[1]
     assert CostModel.for_cluster(cluster).all_reduce_time(MIB, axis) > 0
     return cluster
@@ -150,6 +154,10 @@ def test_probe_four_workers_json(tmp_path, capsys, no_ray_left_behind):
     single = max(_single_thread_gemm_flops() for _ in range(5))
     share = min(1.0, len(os.sched_getaffinity(0)) / 4)
     assert summary["gemm_flops"] <= 1.25 * share * single
+    # busy neighbours cannot make dispatching a kernel cheaper than one thread alone does it
+    alone = min(_single_thread_kernel_overhead() for _ in range(5))
+    assert summary["kernel_overhead_s"] >= 0.8 * alone
+    assert summary["memory_bandwidth"] > 0
 
 
 def _single_thread_gemm_flops() -> float:
@@ -164,6 +172,43 @@ def _single_thread_gemm_flops() -> float:
         return 2 * GEMM_SIZE**3 / (time.perf_counter() - started)
     finally:
         torch.set_num_threads(threads)
+
+
+def _single_thread_kernel_overhead() -> float:
+    """Seconds per kernel of the probe's multiply chain, forward and backward, on one thread
+    of this process, the kernels counted by a dispatch mode of the test's own."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        leaf = torch.ones(16, requires_grad=True)
+
+        def chain() -> None:
+            value = leaf
+            for _ in range(200):
+                value = value * 1.0001
+            value.sum().backward()
+
+        kernels = _count_aten_calls(chain)
+        started = time.perf_counter()
+        chain()
+        return (time.perf_counter() - started) / kernels
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _count_aten_calls(run) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += func.namespace == "aten"
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        run()
+    return Count.calls
 
 
 @pytest.mark.timeout(120)

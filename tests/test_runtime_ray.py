@@ -21,6 +21,7 @@ import torch
 
 import hierarchical_ap as hap
 from hierarchical_ap.errors import PlanError, WorkerFailedError
+from runtime.step_trace import CLOSING_PHASES, stage_compute_means
 from tests.runtime_cases import (
     adamw,
     build_case,
@@ -140,6 +141,26 @@ def test_bad_batches_raise_value_error_before_any_worker_runs(gpt_executable):
         exe.train_step((inputs[0], inputs[0]), targets)
     after = exe.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.timeout(120)
+def test_last_step_trace_times_every_instruction_and_the_closing_phases(gpt_executable):
+    exe, inputs, targets = gpt_executable
+    assert exe.last_step_trace() == [()] * len(exe.workers)  # no step yet
+    exe.train_step(inputs, targets)
+    traces = exe.last_step_trace()
+    lists = ray.get([w.__ray_call__.remote(lambda w: list(w.instructions)) for w in exe.workers])
+    for trace, instructions in zip(traces, lists, strict=True):
+        phases = [t.op for t in trace]
+        assert phases == [i.op for i in instructions] + list(CLOSING_PHASES)
+        assert [(t.stage, t.microbatch) for t in trace[: len(instructions)]] == [
+            (i.stage, i.microbatch) for i in instructions
+        ]
+        starts = [t.start_s for t in trace]
+        assert starts == sorted(starts) and all(t.end_s >= t.start_s >= 0 for t in trace)
+    means = stage_compute_means(traces)
+    assert sorted(means) == list(range(4))  # one stage per worker
+    assert all(m.forward_s > 0 and m.backward_s > 0 and m.optimizer_s > 0 for m in means.values())
 
 
 @pytest.mark.timeout(60)

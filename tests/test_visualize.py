@@ -37,11 +37,26 @@ def graph():
 
 @pytest.fixture(scope="module")
 def planned(graph):
-    """The planner's plan on one host of 4 devices (interleaved 1F1B, 2 ranks, v = 2)."""
+    """The planner's plan on one host of 4 devices."""
     cluster = Cluster.from_spec("1x4xA100-80GB")
     options = PlannerOptions(global_batch=16, workers=1, microbatch_sizes=[8])
     context = planning_context(graph, cluster, options, "bf16")
     return plan_in_context(context, model_name=SPEC, precision="bf16")
+
+
+@pytest.fixture(scope="module")
+def interleaved(graph):
+    """A hand configuration on one host: interleaved 1F1B, 2 ranks of 2 devices, v = 2."""
+    cluster = Cluster.from_spec("1x4xA100-80GB")
+    context = planning_context(graph, cluster, PlannerOptions(global_batch=16, workers=1), "bf16")
+    config = ManualConfig(
+        tp=1, pp=2, dp=2, micro_batch_size=2, schedule="interleaved", virtual_stages=2
+    )
+    candidate, simulation = simulate_manual(context, config)
+    plan = to_parallel_plan(
+        candidate, simulation, graph, cluster, context.solver, model_name=SPEC, precision="bf16"
+    )
+    return plan, simulation
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +73,7 @@ def pipelined(graph):
     return plan, simulation
 
 
-CASES = ["planned", "pipelined"]
+CASES = ["planned", "pipelined", "interleaved"]
 
 
 @pytest.fixture(params=CASES)
@@ -85,8 +100,8 @@ def _row_rank(y: float, num_ranks: int) -> int:
     return num_ranks - 1 - math.floor(y)
 
 
-def test_the_cases_cover_interleaving_and_several_hosts(planned, pipelined):
-    assert planned[0].virtual_stages == 2 and planned[0].num_ranks == 2
+def test_the_cases_cover_interleaving_and_several_hosts(interleaved, pipelined):
+    assert interleaved[0].virtual_stages == 2 and interleaved[0].num_ranks == 2
     assert pipelined[0].schedule == "1f1b" and pipelined[0].num_ranks == 4
     assert pipelined[0].cluster["num_hosts"] == 2
 
@@ -145,7 +160,10 @@ def test_gantt_bars_are_the_timeline_tasks(case):
 def test_bubbles_are_the_idle_intervals_and_the_chart_ends_at_the_step(case):
     plan, simulation = case
     p = plan.num_ranks
-    sync = [sum(s.gradient_sync_s for s in simulation.stages[r::p]) for r in range(p)]
+    # the work that closes a rank's step: its gradient sync and its optimizer step
+    sync = [
+        sum(s.gradient_sync_s + s.optimizer_s for s in simulation.stages[r::p]) for r in range(p)
+    ]
     drawn = draw_gantt(Figure().add_subplot(), simulation.timeline, p, gradient_sync_s=sync)
     step = simulation.step_time_s
     assert step == pytest.approx(plan.predicted_step_time_s)

@@ -99,7 +99,9 @@ def _summary(result: ProbeResult, path: str) -> dict:
         "path": path,
         "workers": result.cluster.devices_per_host,
         "backend": result.cluster.backend,
-        "gemm_flops": result.gemm_flops,
+        "gemm_flops": result.rates and result.rates.gemm_flops,
+        "memory_bandwidth": result.rates and result.rates.memory_bandwidth,
+        "kernel_overhead_s": result.rates and result.rates.kernel_overhead_s,
         "collectives": {
             c.value: {"alpha": f.alpha, "beta": f.beta} for c, f in result.fits.items()
         },
@@ -109,8 +111,13 @@ def _summary(result: ProbeResult, path: str) -> dict:
 def _table(result: ProbeResult) -> Table:
     cluster = result.cluster
     caption = None
-    if result.gemm_flops is not None:
-        caption = f"fp32 GEMM: {result.gemm_flops / 1e9:.1f} GFLOP/s per worker"
+    rates = result.rates
+    if rates is not None:
+        caption = (
+            f"per worker: fp32 GEMM {rates.gemm_flops / 1e9:.1f} GFLOP/s, memory "
+            f"{rates.memory_bandwidth / 1e9:.2f} GB/s, {rates.kernel_overhead_s * 1e6:.1f} µs "
+            "per kernel"
+        )
     table = Table(
         title=f"{cluster.devices_per_host} {cluster.device.name} workers ({cluster.backend})",
         caption=caption,

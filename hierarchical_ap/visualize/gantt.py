@@ -4,13 +4,14 @@ The bars are the simulator's ``Timeline`` (``hierarchical_ap.schedules``) as it 
 ``(kind, micro-batch, stage)`` of rank ``r`` is a bar over ``[start, end)`` in row ``r``,
 forward in blue and backward in orange, darker for later chunks of an interleaved rank
 (chunk ``stage // num_ranks``). All devices of a rank run the same tasks, so a row stands for
-each of them. After its last backward a rank synchronises its gradients for
-``gradient_sync_s[r]`` seconds (purple), so the step ends at
+each of them. After its last backward a rank synchronises its gradients and steps its
+optimizer for ``gradient_sync_s[r]`` seconds (purple; ``rank_gradient_sync`` sums both), so the
+step ends at
 
     T = max_r (end of rank r's last task + gradient_sync_s[r])
 
 and the *bubbles* (grey, hatched) are the intervals of ``[0, T)`` in which a rank neither
-computes nor synchronises. Their share of the device time is ``Σ_r idle_r / (num_ranks · T)``.
+computes nor synchronises nor updates. Their share of the device time is ``Σ_r idle_r / (num_ranks · T)``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ Interval = tuple[float, float]
 
 class _StageTimes(Protocol):
     gradient_sync_s: float
+    optimizer_s: float
 
 
 class SimulatedRun(Protocol):
@@ -54,8 +56,12 @@ class SimulatedRun(Protocol):
 
 
 def rank_gradient_sync(run: SimulatedRun, num_ranks: int) -> list[float]:
-    """Per rank, the gradient synchronisation of its stages (``i % num_ranks == r``)."""
-    return [sum(s.gradient_sync_s for s in run.stages[r::num_ranks]) for r in range(num_ranks)]
+    """Per rank, the gradient synchronisation and optimizer step of its stages
+    (``i % num_ranks == r``): the work that closes its step."""
+    return [
+        sum(s.gradient_sync_s + s.optimizer_s for s in run.stages[r::num_ranks])
+        for r in range(num_ranks)
+    ]
 
 
 def rank_ends(timeline: Timeline, num_ranks: int, gradient_sync_s: Sequence[float]) -> list[float]:
@@ -197,7 +203,7 @@ def _axes(ax: Axes, num_ranks: int, step_end: float, rank_labels: Sequence[str] 
         handles=[
             Patch(color=FORWARD_COLOR, label="forward"),
             Patch(color=BACKWARD_COLOR, label="backward"),
-            Patch(color=SYNC_COLOR, label="gradient sync"),
+            Patch(color=SYNC_COLOR, label="gradient sync + optimizer step"),
             Patch(facecolor=BUBBLE_COLOR, hatch="////", edgecolor="#9a9a9a", label="bubble"),
         ],
         loc="upper left",
