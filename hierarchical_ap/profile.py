@@ -243,29 +243,31 @@ def optimizer_update_profile(optimizer: str) -> UpdateProfile:
     param.grad = torch.full_like(param, 0.5)
     step = kind([param], **settings)
     step.step()
-    with KernelCounter() as counted:
+    with KernelCounter(count_bytes=True) as counted:
         step.step()
     return UpdateProfile(counted.count, counted.bytes / _UPDATE_PROBE_NUMEL)
 
 
 class KernelCounter(TorchDispatchMode):
     """Counts the aten calls that reach the dispatcher below autograd while it is active
-    (``prim`` queries such as ``prim.device``, which fake tensors answer, are not kernels)."""
+    (``prim`` queries such as ``prim.device``, which fake tensors answer, are not kernels), and
+    with ``count_bytes`` the bytes of their tensor arguments and outputs."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, count_bytes: bool = False) -> None:
         super().__init__()
+        self.count_bytes = count_bytes
         self.count = 0
         self.bytes = 0
-        """Bytes of the counted kernels' tensor arguments and outputs (real tensors only)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         if func.namespace == "aten":
             self.count += 1
-            for tensor in pytree.tree_leaves((args, kwargs, result)):
-                if isinstance(tensor, torch.Tensor):
-                    self.bytes += tensor.numel() * tensor.element_size()
+            if self.count_bytes:
+                for tensor in pytree.tree_leaves((args, kwargs, result)):
+                    if isinstance(tensor, torch.Tensor):
+                        self.bytes += tensor.numel() * tensor.element_size()
         return result
 
 

@@ -75,6 +75,11 @@ class StageEstimate:
     def time_per_microbatch_s(self) -> float:
         return self.forward_s + self.backward_s
 
+    @property
+    def closing_s(self) -> float:
+        """What closes the step on this stage's devices: gradient sync plus optimizer step."""
+        return self.gradient_sync_s + self.optimizer_s
+
 
 @dataclass(frozen=True)
 class Simulation:
@@ -167,11 +172,7 @@ class Simulator:
         step = 0.0
         for rank, timed in enumerate(timeline.per_rank()):
             end = max((t.end for t in timed), default=0.0)
-            closing = sum(
-                e.gradient_sync_s + e.optimizer_s
-                for i, e in enumerate(estimates)
-                if i % ranks == rank
-            )
+            closing = sum(e.closing_s for e in estimates[rank::ranks])
             step = max(step, end + closing)
         shared = [self._duplicate_state_bytes(candidate, rank) for rank in range(ranks)]
         memory = tuple(

@@ -75,7 +75,7 @@ def measured_node_forward_flops(graph: OpGraph, flat_inputs: Sequence[Any]) -> d
     return interpreter.flops
 
 
-class _AtenCalls(torch.utils._python_dispatch.TorchDispatchMode):
+class AtenCalls(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts aten calls below autograd, split by when they happen."""
 
     def __init__(self) -> None:
@@ -94,7 +94,7 @@ def measured_kernel_calls(
     """(forward, backward) aten calls of one real eager training step of ``model``: the model
     and loss forward, then ``loss.backward()`` (gradients of leaves that had none yet)."""
     model.zero_grad(set_to_none=True)
-    counter = _AtenCalls()
+    counter = AtenCalls()
     with counter:
         loss = loss_fn(model(*inputs), targets)
         forward = counter.calls

@@ -15,6 +15,7 @@ from hierarchical_ap.commands import cluster as cluster_command
 from hierarchical_ap.cost_model import CostModel
 from hierarchical_ap.errors import ClusterSpecError
 from hierarchical_ap.probe import GEMM_SIZE, MIN_ALPHA, MIN_BETA, fit_alpha_beta, probe
+from tests.measure import AtenCalls
 
 ray = pytest.importorskip("ray")
 
@@ -188,27 +189,14 @@ def _single_thread_kernel_overhead() -> float:
                 value = value * 1.0001
             value.sum().backward()
 
-        kernels = _count_aten_calls(chain)
+        with AtenCalls() as counted:
+            chain()
+        kernels = counted.calls
         started = time.perf_counter()
         chain()
         return (time.perf_counter() - started) / kernels
     finally:
         torch.set_num_threads(threads)
-
-
-def _count_aten_calls(run) -> int:
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.calls += func.namespace == "aten"
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        run()
-    return Count.calls
 
 
 @pytest.mark.timeout(120)

@@ -5,13 +5,14 @@ The bars are the simulator's ``Timeline`` (``hierarchical_ap.schedules``) as it 
 forward in blue and backward in orange, darker for later chunks of an interleaved rank
 (chunk ``stage // num_ranks``). All devices of a rank run the same tasks, so a row stands for
 each of them. After its last backward a rank synchronises its gradients and steps its
-optimizer for ``gradient_sync_s[r]`` seconds (purple; ``rank_gradient_sync`` sums both), so the
-step ends at
+optimizer for ``gradient_sync_s[r]`` seconds (purple; ``rank_gradient_sync`` sums both), so
+the step ends at
 
     T = max_r (end of rank r's last task + gradient_sync_s[r])
 
 and the *bubbles* (grey, hatched) are the intervals of ``[0, T)`` in which a rank neither
-computes nor synchronises nor updates. Their share of the device time is ``Σ_r idle_r / (num_ranks · T)``.
+computes nor synchronises nor updates. Their share of the device time is
+``Σ_r idle_r / (num_ranks · T)``.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ Interval = tuple[float, float]
 
 
 class _StageTimes(Protocol):
-    gradient_sync_s: float
-    optimizer_s: float
+    @property
+    def closing_s(self) -> float: ...
 
 
 class SimulatedRun(Protocol):
@@ -58,10 +59,7 @@ class SimulatedRun(Protocol):
 def rank_gradient_sync(run: SimulatedRun, num_ranks: int) -> list[float]:
     """Per rank, the gradient synchronisation and optimizer step of its stages
     (``i % num_ranks == r``): the work that closes its step."""
-    return [
-        sum(s.gradient_sync_s + s.optimizer_s for s in run.stages[r::num_ranks])
-        for r in range(num_ranks)
-    ]
+    return [sum(s.closing_s for s in run.stages[r::num_ranks]) for r in range(num_ranks)]
 
 
 def rank_ends(timeline: Timeline, num_ranks: int, gradient_sync_s: Sequence[float]) -> list[float]:
