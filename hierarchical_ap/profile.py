@@ -234,8 +234,8 @@ def optimizer_update_profile(optimizer: str) -> UpdateProfile:
     """Kernels and bytes per element of one step of ``optimizer`` on one parameter tensor,
     counted on a real fp32 parameter of 4096 elements (after a first step has created the
     state, as in training). Bytes are every kernel's tensor arguments plus its outputs (an
-    in-place update reads and writes its tensor); the parameter ``torch.optim`` picks for a CPU
-    tensor (its per-tensor loop) is what the runtime runs on CPU workers."""
+    in-place update reads and writes its tensor); the implementation ``torch.optim`` picks for
+    a CPU tensor (its per-tensor loop) is what the runtime runs on CPU workers."""
     if optimizer not in _OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(_OPTIMIZERS)}")
     kind, settings = _OPTIMIZERS[optimizer]

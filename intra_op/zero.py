@@ -152,7 +152,7 @@ class ZeroStage:
     ) -> StateBytes:
         """Parameters, gradients and optimizer states per device for storage ``stored``."""
         weight = meta.nbytes / shard_factor(stored, mesh_shape)
-        split = mesh_shape[DATA_AXIS] if self._partitions_state(meta, stored, mesh_shape) else 1
+        split = self.state_split(meta, stored, mesh_shape)
         return StateBytes(
             parameters=weight,
             gradients=gradient_factor * weight / (split if self.stage >= 2 else 1),
@@ -201,13 +201,13 @@ class ZeroStage:
         memory = cost.op_time(0.0, passes * gathered, mesh.submesh.cluster.device, meta.dtype)
         return ranks * (VIEW_S + COPY_LAUNCH_S) + memory
 
-    def _partitions_state(
-        self, meta: TensorMeta, stored: Placements, mesh_shape: Sequence[int]
-    ) -> bool:
-        """Whether gradients / optimizer states are split over axis 0 beyond the storage."""
+    def state_split(self, meta: TensorMeta, stored: Placements, mesh_shape: Sequence[int]) -> int:
+        """How many ways the stage splits the optimizer state (and, from stage 2, the
+        gradients) over axis 0 beyond the storage ``stored``: the size of axis 0, or 1."""
         if self.stage == 0 or isinstance(stored[DATA_AXIS], Shard):
-            return False
-        return optimizer_shard(meta, stored, mesh_shape) is not None
+            return 1
+        partitioned = optimizer_shard(meta, stored, mesh_shape) is not None
+        return mesh_shape[DATA_AXIS] if partitioned else 1
 
 
 def padded_partitions(meta: TensorMeta, choices: Sequence[Placements]) -> list[Placements]:

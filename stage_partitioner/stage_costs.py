@@ -25,7 +25,7 @@ micro-batches' step (``CostModel.gradient_accumulation_time`` and ``optimizer_st
 with the optimizer ``TrainingMemory`` names and the per-device gradient and optimizer shares of
 each parameter); like the once-per-step gradient synchronisation, the update is charged ``1/B``
 per micro-batch here and kept apart (``PartCost.optimizer_s``) for the simulator to run once.
- Identical parts (same structural hash) are solved once per (mesh, b): the 96 blocks of
+Identical parts (same structural hash) are solved once per (mesh, b): the 96 blocks of
 GPT-3 cost one solve per mesh. Solves run in parallel worker processes with a progress bar and
 are cached for the lifetime of the table's ``PartSolver``.
 
@@ -307,24 +307,21 @@ class PartSolver:
     ) -> tuple[float, float]:
         """(gradient accumulation per micro-batch, optimizer step) of the part's parameters
         stored as ``placements``: per device, each parameter's gradient bytes and the elements
-        of its optimizer shard (the state split as ``parameter_state_bytes`` splits it)."""
+        of its optimizer shard (under ZeRO, split ``ZeroStage.state_split`` ways further)."""
         memory, mesh_shape = self.training_memory, tuple(part.mesh.shape)
         device = part.mesh.submesh.cluster.device
         factors = (memory.gradient_factor, memory.optimizer_factor)
         gradient_bytes, elements = [], []
         for fqn, stored in placements.items():
             meta = part.graph.param_shapes[fqn]
+            share = 1 / shard_factor(stored, mesh_shape)
             if self.zero is None:
-                share = 1 / shard_factor(stored, mesh_shape)
                 gradient_bytes.append(meta.nbytes * factors[0] * share)
             else:
-                split = self.zero.state_bytes(meta, stored, mesh_shape, *factors)
-                gradient_bytes.append(split.gradients)
-                share = (
-                    split.optimizer / (meta.nbytes * factors[1])
-                    if factors[1] > 0
-                    else split.parameters / meta.nbytes
-                )
+                state = self.zero.state_bytes(meta, stored, mesh_shape, *factors)
+                gradient_bytes.append(state.gradients)
+                if factors[1] > 0:
+                    share /= self.zero.state_split(meta, stored, mesh_shape)
             elements.append(meta.numel * share)
         update = optimizer_update_profile(memory.optimizer)
         return (
