@@ -189,6 +189,12 @@ class DeviceSpec:
     maths, so it adds to it). 0 leaves it out: the GPU presets do, since their launches
     overlap the kernels already queued and the calibrated matmul efficiency stands for what
     gaps remain (`cost_model.GPU_MATMUL_EFFICIENCY`).
+
+    `cache_bandwidth` and `cache_bytes` add a second memory tier: a kernel whose own working
+    set (the bytes it reads and writes) is at most `cache_bytes` streams at `cache_bandwidth`
+    instead of `hbm_bandwidth` (`memory_bandwidth`). On a CPU worker a parameter's optimizer
+    kernels and the small activations of a micro-batch run from the core's caches at several
+    times the DRAM rate. Both 0 (the default, and the GPU presets) leave the tier out.
     """
 
     name: str
@@ -198,6 +204,8 @@ class DeviceSpec:
     peak_flops_fp16: float
     hbm_bandwidth: float
     kernel_overhead_s: float = 0.0
+    cache_bandwidth: float = 0.0
+    cache_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -209,11 +217,31 @@ class DeviceSpec:
         _check_positive(
             "DeviceSpec", "kernel_overhead_s", self.kernel_overhead_s, "s", allow_zero=True
         )
+        _check_positive(
+            "DeviceSpec", "cache_bandwidth", self.cache_bandwidth, "bytes/s", allow_zero=True
+        )
+        if not isinstance(self.cache_bytes, int) or isinstance(self.cache_bytes, bool):
+            raise _invalid(f"DeviceSpec.cache_bytes must be an integer, got {self.cache_bytes!r}")
+        _check_positive("DeviceSpec", "cache_bytes", self.cache_bytes, "bytes", allow_zero=True)
+        if (self.cache_bandwidth == 0) != (self.cache_bytes == 0):
+            raise _invalid(
+                "DeviceSpec.cache_bandwidth and cache_bytes go together, got "
+                f"{self.cache_bandwidth!r} bytes/s and {self.cache_bytes!r} bytes; give both "
+                "(as `hap cluster probe` measures them) or neither"
+            )
 
     @property
     def is_cpu(self) -> bool:
         """True for CPU workers (gloo), which have no separate tensor-core rates."""
         return self.name.upper() == CPU_DEVICE_NAME
+
+    def memory_bandwidth(self, working_set_bytes: float) -> float:
+        """Bytes/s of a kernel that reads and writes `working_set_bytes` in all:
+        max(cache_bandwidth, hbm_bandwidth) if 0 < working_set_bytes ≤ cache_bytes (never
+        slower than streaming from device memory), else hbm_bandwidth."""
+        if 0 < working_set_bytes <= self.cache_bytes:
+            return max(self.cache_bandwidth, self.hbm_bandwidth)
+        return self.hbm_bandwidth
 
     def peak_flops(self, dtype: torch.dtype) -> float:
         """Peak FLOP/s for `dtype`: bf16 and fp16 at their tensor-core rates, anything else
@@ -512,7 +540,8 @@ class Cluster:
         - `device`: a device name (its datasheet links become the defaults too), or a mapping with
           `name`, `memory_bytes` | `memory_gib`, `peak_flops_{fp32,bf16,fp16}` |
           `peak_tflops_{fp32,bf16,fp16}`, `hbm_bandwidth` | `hbm_gb_s`, and optionally
-          `kernel_overhead_s` | `kernel_overhead_us` (default 0), overriding the named preset
+          `kernel_overhead_s` | `kernel_overhead_us`, `cache_bandwidth` | `cache_gb_s` and
+          `cache_bytes` | `cache_mib` (all default 0), overriding the named preset
           or the spec's device (all but the optional fields needed for a custom device without
           either);
         - `intra_host_link`, `inter_host_link`: `bandwidth` (bytes/s) | `bandwidth_gb_s`

@@ -28,7 +28,7 @@ from hierarchical_ap.cluster import (
     _invalid,
 )
 from hierarchical_ap.errors import ClusterSpecError
-from hierarchical_ap.hardware import GIB, _device_defaults, preset_names
+from hierarchical_ap.hardware import GIB, MIB, _device_defaults, preset_names
 
 
 def cluster_from_file(cls: type[Cluster], path: str | os.PathLike[str]) -> Cluster:
@@ -134,6 +134,8 @@ _DEVICE_UNITS = {
         "kernel_overhead_s": Fraction(1),
         "kernel_overhead_us": Fraction(1, 10**6),
     },
+    "cache_bandwidth": {"cache_bandwidth": Fraction(1), "cache_gb_s": Fraction(10**9)},
+    "cache_bytes": {"cache_bytes": Fraction(1), "cache_mib": Fraction(MIB)},
 }
 _LINK_UNITS = {
     "bandwidth": {
@@ -220,8 +222,9 @@ def _device_from(data: Any, default: DeviceSpec | None) -> DeviceSpec:
         data, {"name", *(k for aliases in _DEVICE_UNITS.values() for k in aliases)}, "device"
     )
     values: dict[str, Any] = _quantities(data, _DEVICE_UNITS, "device")
-    if "memory_bytes" in values:
-        values["memory_bytes"] = int(values["memory_bytes"])
+    for field in ("memory_bytes", "cache_bytes"):
+        if field in values:
+            values[field] = int(values[field])
     if "name" in data:
         values["name"] = data["name"]
     if default is None:

@@ -4,19 +4,25 @@ Compute (roofline plus dispatch): an op that does `F` FLOPs, moves `M` bytes thr
 memory and dispatches `K` kernels takes
 
     t = K · kernel_overhead_s + max(F / (peak(dtype) · matmul_efficiency),
-                                    M / (hbm_bandwidth · memory_efficiency)),
+                                    M / (bw(M / K) · memory_efficiency)),
 
 where `kernel_overhead_s` is the device's fixed host-side cost per kernel (`DeviceSpec`; 0 for
 the GPU presets, measured by `hap cluster probe` on CPU workers, where eager dispatch and
-autograd run on the core that does the maths).
+autograd run on the core that does the maths) and bw(w) is the bandwidth of a kernel whose
+working set is w bytes, the op's bytes shared evenly among its kernels (M when K = 0):
+
+    bw(w) = max(cache_bandwidth, hbm_bandwidth)   if 0 < w ≤ cache_bytes,
+            hbm_bandwidth                         otherwise
+
+(`DeviceSpec.memory_bandwidth`; the GPU presets have no cache tier, so bw = hbm_bandwidth).
 
 Around the graph's ops a training step also updates each parameter tensor w (n_w elements per
 device, g_w bytes of gradient per device):
 
-    gradient accumulation, per micro-batch   (B−1)/B · Σ_w (kernel_overhead_s + 3·g_w / bw)
-    optimizer step, once per step                     Σ_w (k·kernel_overhead_s + β·n_w / bw)
+    gradient accumulation, per micro-batch   (B−1)/B · Σ_w (kernel_overhead_s + 3·g_w / bw(3·g_w))
+    optimizer step, once per step                     Σ_w (k·kernel_overhead_s + β·n_w / bw(β·n_w / k))
 
-with bw = hbm_bandwidth · memory_efficiency: from the second of B micro-batches on, autograd
+(each bw times memory_efficiency): from the second of B micro-batches on, autograd
 adds each new gradient into the accumulated one (one kernel reading two buffers and writing
 one; 0 with `fused_gradient_accumulation`, as in Megatron-LM, whose weight-gradient GEMM adds
 into the fp32 gradient buffer itself), and the optimizer's step dispatches k kernels moving β
@@ -184,20 +190,22 @@ class CostModel:
         kernels: int = 0,
     ) -> float:
         """Time (s): kernels·kernel_overhead_s + max(flops / (peak(dtype)·matmul_efficiency),
-        bytes_accessed / (hbm_bandwidth·memory_efficiency))."""
+        bytes_accessed / (bw·memory_efficiency)), bw the device's bandwidth for a kernel
+        touching bytes_accessed / max(kernels, 1) bytes (`DeviceSpec.memory_bandwidth`)."""
         if flops < 0 or bytes_accessed < 0 or kernels < 0:
             raise ValueError(
                 f"flops, bytes and kernels must be >= 0, got {flops!r}, {bytes_accessed!r} and "
                 f"{kernels!r}"
             )
         compute = flops / (device.peak_flops(dtype) * self.matmul_efficiency)
-        memory = bytes_accessed / (device.hbm_bandwidth * self.memory_efficiency)
+        bandwidth = device.memory_bandwidth(bytes_accessed / max(kernels, 1))
+        memory = bytes_accessed / (bandwidth * self.memory_efficiency)
         return kernels * device.kernel_overhead_s + max(compute, memory)
 
     def gradient_accumulation_time(
         self, gradient_bytes: Sequence[float], device: DeviceSpec, num_microbatches: int
     ) -> float:
-        """Per micro-batch (s): (B−1)/B · Σ_w (kernel_overhead_s + 3·g_w / bw) for the
+        """Per micro-batch (s): (B−1)/B · Σ_w (kernel_overhead_s + 3·g_w / bw(3·g_w)) for the
         per-device gradient bytes g_w of each parameter tensor, or 0 with
         `fused_gradient_accumulation` (module docstring)."""
         if num_microbatches < 1:
@@ -216,7 +224,7 @@ class CostModel:
         elements: Sequence[float],
         device: DeviceSpec,
     ) -> float:
-        """Once per step (s): Σ_w (k·kernel_overhead_s + β·n_w / bw) over the per-device
+        """Once per step (s): Σ_w (k·kernel_overhead_s + β·n_w / bw(β·n_w / k)) over the per-device
         elements n_w of each parameter tensor the optimizer updates (module docstring)."""
         return sum(
             self.op_time(0.0, bytes_per_element * n, device, torch.float32, kernels_per_tensor)

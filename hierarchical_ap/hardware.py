@@ -53,6 +53,7 @@ DATASHEET_FP32_TFLOPS = {
 
 CPU_DEVICE_NAME = "CPU"
 
+MIB = 2**20
 GIB = 2**30
 # hardware.csv notes a per-host (not per-GPU) network figure as "per host shared by N GPUs".
 _SHARED_NIC_RE = re.compile(r"per host shared by (\d+) GPUs")

@@ -23,6 +23,9 @@ faster than they do in training); the median repetition gives
 * the peak FLOP/s: `GEMMS_PER_REP` 1024³ fp32 GEMMs;
 * the memory bandwidth: `STREAM_PER_REP` out-of-place adds of two 16 MiB fp32 vectors (read
   two, write one: 48 MiB each);
+* the cache bandwidth: `CACHE_STREAM_PER_REP` of the same adds on 1 MiB vectors, a 3 MiB
+  working set (`CACHE_WORKING_SET`, which becomes the device's `cache_bytes`): what kernels the
+  size of a parameter's optimizer update reach, run one after another on the same buffers;
 * the kernel overhead: `CHAIN_PER_REP` times the forward and backward of a chain of
   `CHAIN_LENGTH` scalar multiplies on a 16-element tensor that needs a gradient (too small for
   the maths to count), divided by the aten kernels it dispatches
@@ -67,6 +70,11 @@ GEMMS_PER_REP = 4
 #: fp32 elements of each vector of the bandwidth probe (16 MiB), and adds per window.
 STREAM_NUMEL = 4 * MIB
 STREAM_PER_REP = 8
+#: fp32 elements of each vector of the cache-bandwidth probe (1 MiB), adds per window, and the
+#: bytes each add reads and writes (two inputs and the output).
+CACHE_STREAM_NUMEL = 256 * KIB
+CACHE_STREAM_PER_REP = 128
+CACHE_WORKING_SET = 3 * CACHE_STREAM_NUMEL * 4
 #: Scalar multiplies in the kernel-overhead chain, and chains (forward + backward) per window.
 CHAIN_LENGTH = 200
 CHAIN_PER_REP = 10
@@ -94,9 +102,11 @@ class DeviceRates:
     gemm_flops: float
     """FLOP/s of fp32 GEMMs."""
     memory_bandwidth: float
-    """Bytes/s an elementwise kernel streams."""
+    """Bytes/s an elementwise kernel streams from memory (a 48 MiB working set)."""
     kernel_overhead_s: float
     """Seconds of host-side cost per dispatched kernel."""
+    cache_bandwidth: float
+    """Bytes/s an elementwise kernel streams when its working set is `CACHE_WORKING_SET`."""
 
 
 @dataclass(frozen=True)
@@ -148,7 +158,7 @@ def probe(
     `device` on NCCL, one per worker) and return a 1-host cluster whose intra-host link carries
     the fitted alpha/beta per collective and whose bandwidth and latency are the send/recv fit.
     For CPU workers the device's peak FLOP/s, memory bandwidth and kernel overhead become the
-    measured rates (`DeviceRates`).
+    measured rates (`DeviceRates`), with a cache tier of `CACHE_WORKING_SET` bytes.
 
     Uses the running Ray instance, or starts a local one and shuts it down afterwards; every
     actor is killed on the way out, and no step (joining, a collective, a Ray call) waits longer
@@ -186,7 +196,7 @@ def probe(
                 samples.append(_measure(workers, collective, size, reps, timeout_s))
         rates = None
         if base.device.is_cpu:
-            report("GEMM, memory bandwidth and kernel overhead")
+            report("GEMM, memory and cache bandwidth, kernel overhead")
             measured = ray.get([w.device_rates.remote(reps) for w in workers], timeout=timeout_s)
             rates = DeviceRates(
                 *(statistics.median(column) for column in zip(*measured, strict=True))
@@ -231,6 +241,8 @@ def _probed_cluster(base: Cluster, samples: Sequence[Sample], rates: DeviceRates
             peak_flops_fp16=rates.gemm_flops,
             hbm_bandwidth=rates.memory_bandwidth,
             kernel_overhead_s=rates.kernel_overhead_s,
+            cache_bandwidth=rates.cache_bandwidth,
+            cache_bytes=CACHE_WORKING_SET,
         )
     return dataclasses.replace(base, device=device, intra_host_link=link)
 
@@ -343,24 +355,31 @@ class _Worker:
             times.append(time.perf_counter() - start)
         return times
 
-    def device_rates(self, reps: int) -> tuple[float, float, float]:
-        """(GEMM FLOP/s, streaming bytes/s, seconds per kernel) with every worker busy: each
-        the work of one window over the median of `reps` windows (`_contended_seconds`)."""
+    def device_rates(self, reps: int) -> tuple[float, float, float, float]:
+        """The `DeviceRates` fields (GEMM FLOP/s, memory bytes/s, seconds per kernel, cache
+        bytes/s) with every worker busy: each the work of one window over the median of `reps`
+        windows (`_contended_seconds`)."""
         a = torch.randn(GEMM_SIZE, GEMM_SIZE, device=self.device)
         b = torch.randn(GEMM_SIZE, GEMM_SIZE, device=self.device)
         gemm = self._contended_seconds(lambda: a @ b, GEMMS_PER_REP, reps)
-        x, y = (torch.randn(STREAM_NUMEL, device=self.device) for _ in range(2))
-        out = torch.empty_like(x)
-        stream = self._contended_seconds(lambda: torch.add(x, y, out=out), STREAM_PER_REP, reps)
         leaf = torch.ones(16, device=self.device, requires_grad=True)
         with KernelCounter() as counted:
             _scalar_chain(leaf)
         chain = self._contended_seconds(lambda: _scalar_chain(leaf), CHAIN_PER_REP, reps)
         return (
             GEMMS_PER_REP * 2 * GEMM_SIZE**3 / gemm,
-            STREAM_PER_REP * 3 * x.nbytes / stream,
+            self._stream_bandwidth(STREAM_NUMEL, STREAM_PER_REP, reps),
             chain / (CHAIN_PER_REP * counted.count),
+            self._stream_bandwidth(CACHE_STREAM_NUMEL, CACHE_STREAM_PER_REP, reps),
         )
+
+    def _stream_bandwidth(self, numel: int, times: int, reps: int) -> float:
+        """Bytes/s of `times` out-of-place adds of two `numel`-element fp32 vectors (each add
+        reads two and writes one)."""
+        x, y = (torch.randn(numel, device=self.device) for _ in range(2))
+        out = torch.empty_like(x)
+        seconds = self._contended_seconds(lambda: torch.add(x, y, out=out), times, reps)
+        return times * 3 * x.nbytes / seconds
 
     def _contended_seconds(self, run: Callable[[], object], times: int, reps: int) -> float:
         """Median over `reps` windows of the slowest worker's time (an all-reduce MAX) to call

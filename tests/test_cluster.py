@@ -117,6 +117,10 @@ def test_cpu_device_is_a_share_of_the_host():
     assert device.kernel_overhead_s == CPU_KERNEL_OVERHEAD_S * 2
     assert DeviceSpec.cpu(2, host_cores=8).kernel_overhead_s == CPU_KERNEL_OVERHEAD_S
     assert DeviceSpec.preset("A100-80GB").kernel_overhead_s == 0.0
+    # no cache tier unless measured (`hap cluster probe`) or given
+    assert (device.cache_bandwidth, device.cache_bytes) == (0.0, 0)
+    h100 = DeviceSpec.preset("H100-80GB")
+    assert h100.memory_bandwidth(1024) == h100.hbm_bandwidth
 
 
 def test_peak_flops_of_other_dtypes_is_fp32():
@@ -305,7 +309,13 @@ def probed_cluster() -> Cluster:
     }
     cluster = Cluster.local_cpu(2)
     link = Link(3e9, 3e-4, fits)
-    device = dataclasses.replace(cluster.device, kernel_overhead_s=2.5e-5, hbm_bandwidth=5.1e9)
+    device = dataclasses.replace(
+        cluster.device,
+        kernel_overhead_s=2.5e-5,
+        hbm_bandwidth=5.1e9,
+        cache_bandwidth=9.3e9,
+        cache_bytes=3 * 2**20,
+    )
     return Cluster(1, 2, device, link, cluster.inter_host_link, "gloo")
 
 
@@ -342,7 +352,8 @@ def test_overrides_on_a_spec(tmp_path):
         "spec: 2x8xA100-80GB\n"
         "num_hosts: 4\n"
         "backend: gloo\n"
-        "device: {memory_gib: 40, peak_tflops_bf16: 200, kernel_overhead_us: 12}\n"
+        "device: {memory_gib: 40, peak_tflops_bf16: 200, kernel_overhead_us: 12,\n"
+        "         cache_gb_s: 9.5, cache_mib: 1.5}\n"
         "intra_host_link: {bandwidth_gb_s: 150, latency_us: 2}\n"
         "inter_host_link: {bandwidth: 25e9}\n"  # YAML reads 25e9 as a string
     )
@@ -351,6 +362,7 @@ def test_overrides_on_a_spec(tmp_path):
     assert cluster.device.memory_bytes == 40 * GIB
     assert cluster.device.peak_flops_bf16 == 200e12
     assert cluster.device.kernel_overhead_s == 12e-6
+    assert (cluster.device.cache_bandwidth, cluster.device.cache_bytes) == (9.5e9, 3 * 2**19)
     assert cluster.device.peak_flops_fp32 == base.device.peak_flops_fp32
     assert cluster.intra_host_link == Link(150e9, 2e-6)
     assert cluster.inter_host_link == Link(25e9, INFINIBAND_LATENCY_S)
@@ -436,6 +448,16 @@ def test_fully_explicit_custom_device(tmp_path):
             "c.yaml",
             "spec: 2x8xA100-80GB\ndevice: {kernel_overhead_s: -1}\n",
             "DeviceSpec.kernel_overhead_s must be a finite number >= 0",
+        ),
+        (
+            "c.yaml",
+            "spec: 2x8xA100-80GB\ndevice: {cache_gb_s: 20}\n",
+            "cache_bandwidth and cache_bytes go together",
+        ),
+        (
+            "c.yaml",
+            "spec: 2x8xA100-80GB\ndevice: {cache_gb_s: -1, cache_mib: 2}\n",
+            "DeviceSpec.cache_bandwidth must be a finite number >= 0",
         ),
         (
             "c.yaml",

@@ -58,6 +58,39 @@ def test_kernels_add_their_fixed_cost_to_the_roofline():
     )
 
 
+def test_kernels_within_the_cache_stream_at_the_cache_bandwidth():
+    cpu = dataclasses.replace(
+        Cluster.local_cpu(2).device,
+        hbm_bandwidth=5e9,
+        kernel_overhead_s=20e-6,
+        cache_bandwidth=15e9,
+        cache_bytes=3 * MIB,
+    )
+    cost = CostModel.for_cluster(Cluster.local_cpu(2))
+    # 4 kernels sharing 8 MiB: 2 MiB each fits the 3 MiB cache, so 15 GB/s
+    assert cost.op_time(0, 8 * MIB, cpu, torch.float32, kernels=4) == approx(
+        4 * 20e-6 + 8 * MIB / 15e9
+    )
+    # 2 kernels sharing 8 MiB: 4 MiB each does not, so device memory's 5 GB/s
+    assert cost.op_time(0, 8 * MIB, cpu, torch.float32, kernels=2) == approx(
+        2 * 20e-6 + 8 * MIB / 5e9
+    )
+    # an op counted without kernels is one working set of all its bytes
+    assert cost.op_time(0, 3 * MIB, cpu, torch.float32) == approx(3 * MIB / 15e9)
+    assert cost.op_time(0, 3 * MIB + 1, cpu, torch.float32) == approx((3 * MIB + 1) / 5e9)
+    # the optimizer's k kernels each touch β·n/k bytes: 84 B × 262,144 / 10 = 2.1 MiB fits,
+    # 84 B × 1,048,576 / 10 = 8.4 MiB does not
+    update = 10 * 20e-6 + 84 * 262144 / 15e9 + 10 * 20e-6 + 84 * 1048576 / 5e9
+    assert cost.optimizer_step_time(10, 84.0, [262144, 1048576], cpu) == approx(update)
+    # accumulating a gradient of g bytes touches 3g: 1 MiB of gradient fits, 2 MiB does not
+    share = 3 / 4
+    accumulation = share * (20e-6 + 3 * MIB / 15e9 + 20e-6 + 6 * MIB / 5e9)
+    assert cost.gradient_accumulation_time([MIB, 2 * MIB], cpu, 4) == approx(accumulation)
+    # a measured cache rate below device memory's never makes a small kernel slower
+    slow_cache = dataclasses.replace(cpu, cache_bandwidth=4e9)
+    assert cost.op_time(0, MIB, slow_cache, torch.float32, kernels=1) == approx(20e-6 + MIB / 5e9)
+
+
 def test_gradient_accumulation_and_optimizer_step_by_hand():
     cpu = dataclasses.replace(
         Cluster.local_cpu(2).device, hbm_bandwidth=5e9, kernel_overhead_s=20e-6

@@ -14,7 +14,14 @@ from hierarchical_ap.cluster import Cluster, Collective, DeviceSpec
 from hierarchical_ap.commands import cluster as cluster_command
 from hierarchical_ap.cost_model import CostModel
 from hierarchical_ap.errors import ClusterSpecError
-from hierarchical_ap.probe import GEMM_SIZE, MIN_ALPHA, MIN_BETA, fit_alpha_beta, probe
+from hierarchical_ap.probe import (
+    CACHE_WORKING_SET,
+    GEMM_SIZE,
+    MIN_ALPHA,
+    MIN_BETA,
+    fit_alpha_beta,
+    probe,
+)
 from tests.measure import AtenCalls
 
 ray = pytest.importorskip("ray")
@@ -125,6 +132,8 @@ def check_probed_file(path, workers: int) -> Cluster:
     assert cluster.device.hbm_bandwidth != default.hbm_bandwidth  # measured, not the default
     assert 1e8 < cluster.device.hbm_bandwidth < 1e12
     assert 1e-7 < cluster.device.kernel_overhead_s < 1e-3
+    assert cluster.device.cache_bytes == CACHE_WORKING_SET
+    assert 1e8 < cluster.device.cache_bandwidth < 1e13
     axis = cluster.logical_mesh((1, workers)).axes[1]
     assert CostModel.for_cluster(cluster).all_reduce_time(MIB, axis) > 0
     return cluster
@@ -159,6 +168,7 @@ def test_probe_four_workers_json(tmp_path, capsys, no_ray_left_behind):
     alone = min(_single_thread_kernel_overhead() for _ in range(5))
     assert summary["kernel_overhead_s"] >= 0.8 * alone
     assert summary["memory_bandwidth"] > 0
+    assert summary["cache_bandwidth"] > 0 and summary["cache_bytes"] == CACHE_WORKING_SET
 
 
 def _single_thread_gemm_flops() -> float:
