@@ -1,19 +1,28 @@
 """The user's optimizer over one worker's parameter shards.
 
 ``ShardOptimizer`` builds the optimizer with the user's ``optimizer_fn`` and steps it after the
-gradient synchronisation. On a mesh of several devices it steps the DTensor parameters
-themselves (every shard's update is local; DTensor runs each elementwise op on the local
-tensors). On a one-device mesh a DTensor's local tensor is its whole value, so the optimizer is
-built over plain ``nn.Parameter`` aliases of the local tensors instead (same storage, so an
-update in place is an update of the DTensor parameter): the step then runs torch's plain-tensor
-kernels, without DTensor's dispatch for each of the dozen ops per parameter, which dominated
-the step of a one-device stage. Before each step every alias receives its parameter's
-accumulated gradient (the DTensor gradient's local tensor, no copy).
+gradient synchronisation. Where it can, it steps plain ``nn.Parameter`` aliases of the
+parameters' local tensors (same storage, so an update in place is an update of the DTensor
+parameter): the step then runs torch's plain-tensor kernels, without DTensor's dispatch for
+each of the dozen ops per parameter, which doubles a CPU worker's AdamW step
+(``benchmarks/optimizer_step_local_vs_dtensor.py``). Before each step every alias receives its
+parameter's accumulated gradient, the local tensor of a DTensor in the parameter's placement
+(no copy). That is exact
+
+* on a one-device mesh, where a local tensor is the whole value, for any optimizer;
+* on any mesh for the optimizers of ``ELEMENTWISE_OPTIMIZERS``, whose update of an element
+  reads only that element of the parameter, its gradient and its state (and scalars: the
+  learning rate, the step count): each shard's update is then that shard of the whole
+  tensor's update, and replicas, which hold equal values and gradients, stay equal.
+
+Any other optimizer on a larger mesh (one that reads a whole tensor, as Adafactor's factored
+moments or a layer-wise trust ratio do) steps the DTensor parameters themselves, where
+DTensor's sharding rules keep such reductions global.
 
 The optimizer state is the same either way as far as checkpoints see it: ``state_of`` gives a
-parameter's state with every tensor of the parameter's shape as a DTensor in the parameter's
-placement (on the plain path, a DTensor view of the plain moment), and ``load_state`` takes
-state in that form.
+parameter's state with every tensor of the parameter's local shape as a DTensor in the
+parameter's placement (on the alias path, a DTensor view of the local moment), and
+``load_state`` takes state in that form.
 """
 
 from __future__ import annotations
@@ -30,25 +39,60 @@ from intra_op.apply import shard_as_dtensor
 OptimizerFn = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
-class ShardOptimizer:
-    """``optimizer_fn`` over ``params`` (DTensor parameters on one mesh), stepping plain
-    aliases of them when ``plain`` (a one-device mesh)."""
+#: torch.optim classes that update each element from that element alone (module docstring).
+ELEMENTWISE_OPTIMIZERS: frozenset[type[torch.optim.Optimizer]] = frozenset(
+    {
+        torch.optim.SGD,
+        torch.optim.Adam,
+        torch.optim.AdamW,
+        torch.optim.Adagrad,
+        torch.optim.Adamax,
+        torch.optim.ASGD,
+        torch.optim.NAdam,
+        torch.optim.RAdam,
+        torch.optim.RMSprop,
+        torch.optim.Rprop,
+    }
+)
 
-    def __init__(self, optimizer_fn: OptimizerFn, params: list[nn.Parameter], *, plain: bool):
-        if plain and any(p.device_mesh.size() != 1 for p in params):
-            raise ValueError("plain aliases hold whole values only on a one-device mesh")
+
+class ShardOptimizer:
+    """``optimizer_fn`` over ``params`` (DTensor parameters on one mesh), stepping plain aliases
+    of their local tensors where that is exact (module docstring).
+
+    ``local`` None chooses; True requires the alias path (``ValueError`` where it would not be
+    exact); False steps the DTensor parameters.
+    """
+
+    def __init__(
+        self, optimizer_fn: OptimizerFn, params: list[nn.Parameter], *, local: bool | None = None
+    ):
         self.params = params
-        self.plain = plain
-        self._aliases: dict[int, nn.Parameter] = (
-            {
+        self._aliases: dict[int, nn.Parameter] = {}
+        """id(parameter) → the plain alias the optimizer steps (alias path only)."""
+        if local is not False:
+            aliases = {
                 id(p): nn.Parameter(p.to_local().detach(), requires_grad=p.requires_grad)
                 for p in params
             }
-            if plain
-            else {}
-        )
-        """id(parameter) → the plain alias the optimizer steps (plain path only)."""
-        self.optimizer = optimizer_fn([self._stepped(p) for p in params])
+            optimizer = optimizer_fn([aliases[id(p)] for p in params])
+            one_device = all(p.device_mesh.size() == 1 for p in params)
+            exact = one_device or type(optimizer) in ELEMENTWISE_OPTIMIZERS
+            if local and not exact:
+                raise ValueError(
+                    f"a {type(optimizer).__name__} is not known to update each element on its "
+                    "own, so stepping the local shards of a mesh of several devices may differ "
+                    "from stepping whole tensors; leave local=None"
+                )
+            if exact:
+                self._aliases, self.optimizer = aliases, optimizer
+        if not self._aliases:
+            self.optimizer = optimizer_fn(params)
+
+    @property
+    def local(self) -> bool:
+        """Whether the optimizer steps plain aliases of the local tensors."""
+        return bool(self._aliases)
 
     @property
     def class_name(self) -> str:
@@ -62,7 +106,7 @@ class ShardOptimizer:
 
     def step(self) -> None:
         """One optimizer step on the parameters' current gradients."""
-        if self.plain:
+        if self.local:
             for param in self.params:
                 grad = param.grad
                 self._aliases[id(param)].grad = (
@@ -71,16 +115,16 @@ class ShardOptimizer:
         self.optimizer.step()
 
     def state_of(self, param: nn.Parameter) -> dict[str, Any]:
-        """The optimizer state of ``param`` (empty before its first step), tensors of its shape
-        as DTensors in its placement."""
+        """The optimizer state of ``param`` (empty before its first step), tensors of its local
+        shape as DTensors in its placement."""
         state = self.optimizer.state.get(self._stepped(param), {})
-        if not self.plain:
+        if not self.local:
             return dict(state)
         return {name: _as_dtensor_like(value, param) for name, value in state.items()}
 
     def load_state(self, param: nn.Parameter, state: Mapping[str, Any]) -> None:
         """Replace ``param``'s optimizer state by ``state`` (in ``state_of``'s form)."""
-        if self.plain:
+        if self.local:
             state = {
                 name: value.to_local() if isinstance(value, DTensor) else value
                 for name, value in state.items()
@@ -89,14 +133,14 @@ class ShardOptimizer:
 
     def _stepped(self, param: nn.Parameter) -> nn.Parameter:
         """What the optimizer steps for ``param``: itself, or its plain alias."""
-        return self._aliases[id(param)] if self.plain else param
+        return self._aliases[id(param)] if self.local else param
 
 
 def _as_dtensor_like(value: Any, param: nn.Parameter) -> Any:
-    """A plain state tensor of ``param``'s shape as a DTensor view in ``param``'s placement;
-    anything else (Adam's scalar ``step``, ``None``) as it is."""
+    """A plain state tensor of the shape of ``param``'s local tensor as a DTensor view in
+    ``param``'s placement; anything else (Adam's scalar ``step``, ``None``) as it is."""
     if not isinstance(value, torch.Tensor) or isinstance(value, DTensor):
         return value
-    if tuple(value.shape) != tuple(param.shape):
+    if tuple(value.shape) != tuple(param.to_local().shape):
         return value
     return shard_as_dtensor(value, param)

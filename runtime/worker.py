@@ -14,8 +14,8 @@ it on bare gloo processes). Its life:
    worker's stages' parameters are materialised, and of a sharded one only its shard where
    the initialisation is elementwise; ``initialisation_report`` says what it allocated), one
    group per parameter that several stages read (a tied embedding), the optimizer over its shards
-   (``runtime.optimizer``: plain-tensor aliases on a one-device mesh), and its static
-   instruction list. The plan's precision (``runtime.precision``) decides the dtype the model
+   (``runtime.optimizer``: plain-tensor aliases of the local shards where that is exact), and
+   its static instruction list. The plan's precision (``runtime.precision``) decides the dtype the model
    is captured and run in and the dtype the parameters are stored in (fp32 masters under
    bf16);
 3. ``train_step``: run the list over the global batch's micro-batches, then synchronise the
@@ -187,9 +187,7 @@ class PipelineWorker:
             tuple[boundary.TransferPlan, boundary.MeshSide, boundary.MeshSide],
         ] = {}
         self._axis_groups = {axis: self.mesh.get_group(axis) for axis in range(self.mesh.ndim)}
-        self.optimizer = ShardOptimizer(
-            program.optimizer_fn, self._unique_parameters(), plain=self.mesh.size() == 1
-        )
+        self.optimizer = ShardOptimizer(program.optimizer_fn, self._unique_parameters())
         tasks = build_schedule(plan.schedule, p, plan.num_microbatches, plan.virtual_stages)
         self.instructions: list[Instruction] = build_instructions(tasks, layout)[self.rank]
         self.receive_posting = receive_posting(self.instructions)

@@ -164,7 +164,7 @@ def train_one_device_bf16(plan, steps: int):
     case = build_case("gpt", steps)
     worker = built_worker(plan, case, sgd_momentum)
     losses = [worker.train_step(x, y) for x, y in case.batches]
-    plain = [p.program.runs_plain for p in worker.programs.values()] + [worker.optimizer.plain]
+    plain = [p.program.runs_plain for p in worker.programs.values()] + [worker.optimizer.local]
     return losses, worker.full_state(), worker.stage_dtypes(), plain
 
 
@@ -196,7 +196,7 @@ def optimizer_paths_agree(steps: int) -> dict[str, float]:
 
     def build(plain: bool) -> ShardOptimizer:
         params = [nn.Parameter(distribute_tensor(v.clone(), mesh, [Replicate()])) for v in values]
-        return ShardOptimizer(adamw, params, plain=plain)
+        return ShardOptimizer(adamw, params, local=plain)
 
     def run(optimizer: ShardOptimizer, gradients) -> None:
         for step_grads in gradients:
