@@ -40,6 +40,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
+METADATA_CHECKS = frozenset({torch.ops.aten._assert_tensor_metadata.default})
+"""Ops that only check a value's metadata against capture time (device=meta): the runtime does
+not execute them, so they cost nothing (an all-zero ``NodeProfile``)."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,8 @@ class SymbolicProfiler:
         ``input_requires_grad[i]`` says whether the i-th tensor argument (in pytree order) needs a
         gradient.
         """
+        if target in METADATA_CHECKS:
+            return NodeProfile(0, 0, 0, 0, (), None)
         key = (target, _freeze(args), _freeze(kwargs), tuple(input_requires_grad))
         cached = self._cache.get(key)
         if cached is None:

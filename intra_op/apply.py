@@ -84,7 +84,7 @@ from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
 
 from hierarchical_ap.errors import HapError
 from hierarchical_ap.graph import OpGraph
-from hierarchical_ap.profile import TensorMeta
+from hierarchical_ap.profile import METADATA_CHECKS, TensorMeta
 from intra_op.gradient_sync import (
     AccumulatedGradient,
     StepGradients,
@@ -117,8 +117,6 @@ __all__ = [
 
 _ATTENTION = torch.ops.aten.scaled_dot_product_attention.default
 _ATTENTION_ARGS = [argument.name for argument in _ATTENTION._schema.arguments]
-SKIPPED_OPS = frozenset({torch.ops.aten._assert_tensor_metadata.default})
-"""Ops that only check a value's metadata against capture time (device=meta): not executed."""
 
 _MODEL_PREFIX = "model."
 _USER_OUTPUTS = (OutputKind.USER_OUTPUT, OutputKind.LOSS_OUTPUT)
@@ -220,7 +218,7 @@ def validate_solution(
         )
     _check_leaf_placements(graph, solution, len(mesh_shape), nodes)
     for fx_node in graph.graph_module.graph.nodes:
-        if fx_node.op != "call_function" or fx_node.target in SKIPPED_OPS:
+        if fx_node.op != "call_function" or fx_node.target in METADATA_CHECKS:
             continue
         if nodes is not None and fx_node.name not in nodes:
             continue
@@ -681,7 +679,7 @@ class ShardedProgram(nn.Module):
         for node in self._graph.graph_module.graph.nodes:
             if node.op == "placeholder":
                 env[node] = self._placeholder_value(node, user_values, num_user)
-            elif node.op == "call_function" and node.target not in SKIPPED_OPS:
+            elif node.op == "call_function" and node.target not in METADATA_CHECKS:
                 env[node] = self._call(node, env, placer)
             elif node.op == "output":
                 result = self._outputs(node, env)
@@ -704,7 +702,7 @@ class ShardedProgram(nn.Module):
                 if kind == "input":
                     raise ValueError(f"the part reads graph input '{node.name}'; pass it in values")
                 env[node] = self._placeholder_value(node, iter(()), 0)
-            elif node in self._call_args and node.target not in SKIPPED_OPS:
+            elif node in self._call_args and node.target not in METADATA_CHECKS:
                 env[node] = self._call(node, env, placer)
             else:
                 continue
@@ -758,7 +756,7 @@ class ShardedProgram(nn.Module):
             [name for _, name in sources],
             constants,
             self._call_args,
-            SKIPPED_OPS,
+            METADATA_CHECKS,
             outputs,
         )
         return _PlainPart(module, tuple(sources))

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hierarchical_ap import CaptureError, capture
+from hierarchical_ap.models import from_spec
 from tests.measure import (
     graph_inputs,
     measured_kernel_calls,
@@ -248,3 +249,18 @@ def test_at_batch_needs_a_dynamic_capture():
     assert graph.at_batch(4) is graph
     with pytest.raises(ValueError, match="dynamic_batch=True"):
         graph.at_batch(8)
+
+
+def test_metadata_checks_cost_nothing():
+    # captured on the meta device, the zoo GPT checks its position ids' metadata
+    # (`_assert_tensor_metadata`); the runtime skips the check, so the cost model must too
+    bundle = from_spec("gpt:layers=1,hidden=32,heads=2,vocab=64,seq=8", batch=2, device="meta")
+    graph = capture(
+        bundle.model, bundle.example_inputs, loss_fn=bundle.loss_fn, targets=bundle.targets
+    )
+    checks = [n for n in graph.nodes.values() if n.target == "aten._assert_tensor_metadata.default"]
+    assert checks
+    for node in checks:
+        p = node.profile
+        assert (p.forward_flops, p.forward_bytes, p.forward_kernels) == (0, 0, 0)
+        assert (p.backward_flops, p.backward_bytes, p.backward_kernels) == (0, 0, 0)
