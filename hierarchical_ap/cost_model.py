@@ -20,7 +20,7 @@ Around the graph's ops a training step also updates each parameter tensor w (n_w
 device, g_w bytes of gradient per device):
 
     gradient accumulation, per micro-batch   (B−1)/B · Σ_w (kernel_overhead_s + 3·g_w / bw(3·g_w))
-    optimizer step, once per step                     Σ_w (k·kernel_overhead_s + β·n_w / bw(β·n_w / k))
+    optimizer step, once per step             Σ_w (k·kernel_overhead_s + β·n_w / bw(β·n_w / k))
 
 (each bw times memory_efficiency): from the second of B micro-batches on, autograd
 adds each new gradient into the accumulated one (one kernel reading two buffers and writing
