@@ -61,7 +61,9 @@ class ShardOptimizer:
     of their local tensors where that is exact (module docstring).
 
     ``local`` None chooses; True requires the alias path (``ValueError`` where it would not be
-    exact); False steps the DTensor parameters.
+    exact); False steps the DTensor parameters. Choosing on a mesh of several devices builds
+    the optimizer over the aliases first to learn its class, and again over the DTensors if
+    that class is not elementwise, so ``optimizer_fn`` may be called twice.
     """
 
     def __init__(
