@@ -62,12 +62,15 @@ def rank_gradient_sync(run: SimulatedRun, num_ranks: int) -> list[float]:
     return [sum(s.closing_s for s in run.stages[r::num_ranks]) for r in range(num_ranks)]
 
 
-def rank_ends(timeline: Timeline, num_ranks: int, gradient_sync_s: Sequence[float]) -> list[float]:
-    """Per rank, when it has finished its last task and its gradient synchronisation."""
+def rank_closings(
+    timeline: Timeline, num_ranks: int, gradient_sync_s: Sequence[float]
+) -> list[Interval]:
+    """Per rank, the interval of its gradient synchronisation: from the end of its last task
+    for ``gradient_sync_s[rank]`` seconds."""
     ends = [0.0] * num_ranks
     for timed in timeline.tasks:
         ends[timed.rank] = max(ends[timed.rank], timed.end)
-    return [end + sync for end, sync in zip(ends, gradient_sync_s, strict=True)]
+    return [(end, end + sync) for end, sync in zip(ends, gradient_sync_s, strict=True)]
 
 
 def idle_intervals(
@@ -76,13 +79,13 @@ def idle_intervals(
     """Per rank, the maximal intervals of ``[0, T)`` in which it runs no task and no gradient
     synchronisation, ``T`` the step end (module docstring); zero-length gaps are left out."""
     sync = list(gradient_sync_s) if gradient_sync_s is not None else [0.0] * num_ranks
-    ends = rank_ends(timeline, num_ranks, sync)
-    step_end = max(ends, default=0.0)
+    closings = rank_closings(timeline, num_ranks, sync)
+    step_end = max((end for _, end in closings), default=0.0)
     busy: list[list[Interval]] = [[] for _ in range(num_ranks)]
     for timed in timeline.tasks:
         busy[timed.rank].append((timed.start, timed.end))
-    for rank in range(num_ranks):
-        busy[rank].append((ends[rank] - sync[rank], ends[rank]))
+    for rank, closing in enumerate(closings):
+        busy[rank].append(closing)
     idle: list[list[Interval]] = []
     for intervals in busy:
         gaps, clock = [], 0.0
@@ -114,10 +117,10 @@ def draw_gantt(
         kind: _task_bars(ax, [t for t in timeline.tasks if t.task.kind == kind], num_ranks, kind)
         for kind in (FORWARD, BACKWARD)
     }
-    ends = rank_ends(timeline, num_ranks, sync)
+    closings = rank_closings(timeline, num_ranks, sync)
     drawn[SYNC_GID] = _bars(
         ax,
-        [(rank, end - s, end) for rank, (end, s) in enumerate(zip(ends, sync, strict=True))],
+        [(rank, start, end) for rank, (start, end) in enumerate(closings)],
         num_ranks,
         facecolors=[SYNC_COLOR] * num_ranks,
         gid=SYNC_GID,
@@ -139,7 +142,7 @@ def draw_gantt(
                 color="white",
                 clip_on=True,
             )
-    step_end = max(ends, default=0.0)
+    step_end = max((end for _, end in closings), default=0.0)
     _axes(ax, num_ranks, step_end, rank_labels)
     idle_share = sum(b - a for _, a, b in gaps) / (num_ranks * step_end) if step_end > 0 else 0.0
     ax.set_title(
