@@ -17,8 +17,8 @@ and by the dtypes of the values the workers exchange.
   gradients, bf16 boundary values; a checkpoint round trip resumes exactly (masters and
   momentum saved in fp32).
 * One gloo process: the whole GPT as one one-device stage (plain-tensor path, plain-tensor
-  optimizer) trains like the reference; the plain-tensor optimizer steps exactly as the
-  DTensor one and hands the same state to checkpoints.
+  optimizer) trains like the reference (the optimizer's two paths against each other:
+  ``tests/test_shard_optimizer.py``).
 * No processes: the policy helpers and the errors for fp16 and for a plan of another
   precision.
 """
@@ -31,17 +31,13 @@ from collections.abc import Iterator
 import pytest
 import ray
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 import hierarchical_ap as hap
 from hierarchical_ap.errors import PlanError
 from hierarchical_ap.graph import capture
 from hierarchical_ap.plan import model_fingerprint
-from runtime.optimizer import ShardOptimizer
 from runtime.precision import UnsupportedPrecisionError, master_fingerprint, policy_for
 from runtime.worker import meta_copy, to_meta
 from tests.distributed import DistributedWorkers
@@ -183,63 +179,6 @@ def test_one_device_bf16_stage_trains_like_one_bf16_process(one_process, referen
     assert {str(v.dtype) for v in full.values()} == {FP32}
     assert _far(full, bf16_state) == {}
     assert dtypes[0]["parameters"] == [FP32] and dtypes[0]["gradients"] == [FP32]
-
-
-def optimizer_paths_agree(steps: int) -> dict[str, float]:
-    """On one rank: AdamW on plain aliases and on the DTensor parameters themselves, from the
-    same values with the same gradients; the largest parameter and state differences, whether
-    the plain path's state reaches checkpoints as DTensors, and a state round trip."""
-    mesh = DeviceMesh("cpu", [dist.get_rank()])
-    generator = torch.Generator().manual_seed(3)
-    values = [torch.randn(shape, generator=generator) for shape in [(4, 3), (3,), (5, 2, 2)]]
-    grads = [[torch.randn(v.shape, generator=generator) for v in values] for _ in range(steps)]
-
-    def build(plain: bool) -> ShardOptimizer:
-        params = [nn.Parameter(distribute_tensor(v.clone(), mesh, [Replicate()])) for v in values]
-        return ShardOptimizer(adamw, params, local=plain)
-
-    def run(optimizer: ShardOptimizer, gradients) -> None:
-        for step_grads in gradients:
-            optimizer.zero_grad()
-            for p, g in zip(optimizer.params, step_grads, strict=True):
-                p.grad = distribute_tensor(g, mesh, [Replicate()])
-            optimizer.step()
-
-    plain, dtensor = build(True), build(False)
-    run(plain, grads)
-    run(dtensor, grads)
-    param_gap = max(
-        float((a.full_tensor() - b.full_tensor()).abs().max())
-        for a, b in zip(plain.params, dtensor.params, strict=True)
-    )
-    state_gap = 0.0
-    for a, b in zip(plain.params, dtensor.params, strict=True):
-        sa, sb = plain.state_of(a), dtensor.state_of(b)
-        assert sa.keys() == sb.keys() and isinstance(sa["exp_avg"], DTensor)
-        for name in ("exp_avg", "exp_avg_sq", "step"):
-            x, y = (
-                s[name].full_tensor() if isinstance(s[name], DTensor) else s[name] for s in (sa, sb)
-            )
-            state_gap = max(state_gap, float((x - y).abs().max()))
-    # a fresh plain optimizer loaded with the DTensor optimizer's state continues identically
-    resumed = build(True)
-    with torch.no_grad():
-        for p, q in zip(resumed.params, dtensor.params, strict=True):
-            p.to_local().copy_(q.to_local())
-            resumed.load_state(p, {k: v.clone() for k, v in dtensor.state_of(q).items()})
-    run(resumed, grads[:1])
-    run(dtensor, grads[:1])
-    resume_gap = max(
-        float((a.full_tensor() - b.full_tensor()).abs().max())
-        for a, b in zip(resumed.params, dtensor.params, strict=True)
-    )
-    return {"params": param_gap, "state": state_gap, "resumed": resume_gap}
-
-
-@pytest.mark.timeout(120)
-def test_plain_tensor_optimizer_steps_exactly_as_the_dtensor_optimizer(one_process):
-    gaps = one_process.run(optimizer_paths_agree, 3, timeout_s=100)[0]
-    assert gaps == {"params": 0.0, "state": 0.0, "resumed": 0.0}
 
 
 def _canonical(model: nn.Module) -> dict[str, str]:

@@ -1,7 +1,7 @@
-"""``ShardOptimizer`` on a two-device mesh: stepping plain aliases of the local shards gives, for
-the elementwise torch optimizers, exactly what stepping the DTensor parameters gives (the
-reference: DTensor's own sharding rules), state included; any other optimizer steps the
-DTensors."""
+"""``ShardOptimizer`` on a one- and a two-device mesh: stepping plain aliases of the local shards
+gives, for the elementwise torch optimizers, exactly what stepping the DTensor parameters gives
+(the reference: DTensor's own sharding rules), state included and handed to checkpoints as
+DTensors; on the larger mesh any other optimizer steps the DTensors."""
 
 from __future__ import annotations
 
@@ -44,6 +44,12 @@ class NormalisedSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 p.add_(p.grad / p.grad.norm(), alpha=-group["lr"])
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-device", "two-device"])
+def processes(request) -> Iterator[DistributedWorkers]:
+    with DistributedWorkers(request.param) as group:
+        yield group
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +101,9 @@ def paths_agree(name: str, steps: int) -> dict[str, object]:
         for key, value in sa.items():
             if isinstance(value, torch.Tensor):
                 assert isinstance(value, DTensor) == isinstance(sb[key], DTensor), key
+                assert value.ndim == 0 or isinstance(value, DTensor), (
+                    key
+                )  # checkpoints see DTensors
                 state_gap = max(state_gap, _gap(value, sb[key]))
     result["state"] = state_gap
     if chosen.local:
@@ -147,8 +156,8 @@ def whole_tensor_update(steps: int) -> dict[str, object]:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", ["adamw", "sgd_momentum", "rmsprop"])
-def test_elementwise_optimizers_step_the_local_shards_exactly(two_processes, name):
-    for result in two_processes.run(paths_agree, name, 3, timeout_s=100):
+def test_elementwise_optimizers_step_the_local_shards_exactly(processes, name):
+    for result in processes.run(paths_agree, name, 3, timeout_s=100):
         assert result["local"] and not result["dtensor_local"]
         assert (result["params"], result["state"], result["resumed"]) == (0.0, 0.0, 0.0)
 
