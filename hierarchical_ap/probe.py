@@ -67,6 +67,9 @@ DEFAULT_TIMEOUT_S = 120.0
 GEMM_SIZE = 1024
 #: GEMMs each worker runs in one timed window (about 0.1–0.2 s on one shared CPU core).
 GEMMS_PER_REP = 4
+#: The dtype of every probe buffer, and its bytes per element.
+_ELEMENT = torch.float32
+_ELEMENT_BYTES = 4
 #: fp32 elements of each vector of the bandwidth probe (16 MiB), and adds per window.
 STREAM_NUMEL = 4 * MIB
 STREAM_PER_REP = 8
@@ -74,16 +77,13 @@ STREAM_PER_REP = 8
 #: bytes each add reads and writes (two inputs and the output).
 CACHE_STREAM_NUMEL = 256 * KIB
 CACHE_STREAM_PER_REP = 128
-CACHE_WORKING_SET = 3 * CACHE_STREAM_NUMEL * 4
+CACHE_WORKING_SET = 3 * CACHE_STREAM_NUMEL * _ELEMENT_BYTES
 #: Scalar multiplies in the kernel-overhead chain, and chains (forward + backward) per window.
 CHAIN_LENGTH = 200
 CHAIN_PER_REP = 10
 #: Floors of the fitted alpha (s) and beta (s/byte) so both stay positive.
 MIN_ALPHA = 1e-9
 MIN_BETA = 1e-15
-
-_ELEMENT = torch.float32
-_ELEMENT_BYTES = 4
 
 
 @dataclass(frozen=True)
