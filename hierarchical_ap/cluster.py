@@ -196,6 +196,12 @@ class DeviceSpec:
     kernels and the small activations of a micro-batch run from the core's caches, faster
     than from DRAM (1.5× on the 2-core development VM with four workers busy). Both 0 (the
     default, and the GPU presets) leave the tier out.
+
+    `dtensor_dispatch_s` is what DTensor adds to every op it dispatches (sharding
+    propagation and wrapping, on the host), on top of `kernel_overhead_s`: a stage on several
+    devices that does not run as plain data parallelism (`intra_op.local_execution`) pays it
+    per op, forward and backward. 0 (the default, and the GPU presets, whose host work
+    overlaps the kernels queued) leaves it out; `hap cluster probe` measures it on CPU workers.
     """
 
     name: str
@@ -207,6 +213,7 @@ class DeviceSpec:
     kernel_overhead_s: float = 0.0
     cache_bandwidth: float = 0.0
     cache_bytes: int = 0
+    dtensor_dispatch_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -220,6 +227,9 @@ class DeviceSpec:
         )
         _check_positive(
             "DeviceSpec", "cache_bandwidth", self.cache_bandwidth, "bytes/s", allow_zero=True
+        )
+        _check_positive(
+            "DeviceSpec", "dtensor_dispatch_s", self.dtensor_dispatch_s, "s", allow_zero=True
         )
         if not isinstance(self.cache_bytes, int) or isinstance(self.cache_bytes, bool):
             raise _invalid(f"DeviceSpec.cache_bytes must be an integer, got {self.cache_bytes!r}")
@@ -541,8 +551,9 @@ class Cluster:
         - `device`: a device name (its datasheet links become the defaults too), or a mapping with
           `name`, `memory_bytes` | `memory_gib`, `peak_flops_{fp32,bf16,fp16}` |
           `peak_tflops_{fp32,bf16,fp16}`, `hbm_bandwidth` | `hbm_gb_s`, and optionally
-          `kernel_overhead_s` | `kernel_overhead_us`, `cache_bandwidth` | `cache_gb_s` and
-          `cache_bytes` | `cache_mib` (all default 0), overriding the named preset
+          `kernel_overhead_s` | `kernel_overhead_us`, `cache_bandwidth` | `cache_gb_s`,
+          `cache_bytes` | `cache_mib` and `dtensor_dispatch_s` | `dtensor_dispatch_us` (all
+          default 0), overriding the named preset
           or the spec's device (all but the optional fields needed for a custom device without
           either);
         - `intra_host_link`, `inter_host_link`: `bandwidth` (bytes/s) | `bandwidth_gb_s`

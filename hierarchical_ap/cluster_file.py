@@ -136,6 +136,10 @@ _DEVICE_UNITS = {
     },
     "cache_bandwidth": {"cache_bandwidth": Fraction(1), "cache_gb_s": Fraction(10**9)},
     "cache_bytes": {"cache_bytes": Fraction(1), "cache_mib": Fraction(MIB)},
+    "dtensor_dispatch_s": {
+        "dtensor_dispatch_s": Fraction(1),
+        "dtensor_dispatch_us": Fraction(1, 10**6),
+    },
 }
 _LINK_UNITS = {
     "bandwidth": {

@@ -29,7 +29,9 @@ faster than they do in training); the median repetition gives
 * the kernel overhead: `CHAIN_PER_REP` times the forward and backward of a chain of
   `CHAIN_LENGTH` scalar multiplies on a 16-element tensor that needs a gradient (too small for
   the maths to count), divided by the aten kernels it dispatches
-  (`hierarchical_ap.profile.KernelCounter`, the same count the profiler gives each node).
+  (`hierarchical_ap.profile.KernelCounter`, the same count the profiler gives each node);
+* DTensor's dispatch: the same chain on a DTensor replicated over every worker (no
+  collective runs), its extra time over the plain chain per kernel (`dtensor_dispatch_s`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, distribute_tensor
 
 from hierarchical_ap.cluster import CPU_DEVICE_NAME, AlphaBeta, Cluster, Collective
 from hierarchical_ap.cluster_ray import WORKER_RUNTIME_ENV
@@ -107,6 +111,8 @@ class DeviceRates:
     """Seconds of host-side cost per dispatched kernel."""
     cache_bandwidth: float
     """Bytes/s an elementwise kernel streams when its working set is `CACHE_WORKING_SET`."""
+    dtensor_dispatch_s: float
+    """Seconds DTensor adds to each kernel it dispatches (comm-free, replicated)."""
 
 
 @dataclass(frozen=True)
@@ -243,6 +249,7 @@ def _probed_cluster(base: Cluster, samples: Sequence[Sample], rates: DeviceRates
             kernel_overhead_s=rates.kernel_overhead_s,
             cache_bandwidth=rates.cache_bandwidth,
             cache_bytes=CACHE_WORKING_SET,
+            dtensor_dispatch_s=rates.dtensor_dispatch_s,
         )
     return dataclasses.replace(base, device=device, intra_host_link=link)
 
@@ -355,10 +362,10 @@ class _Worker:
             times.append(time.perf_counter() - start)
         return times
 
-    def device_rates(self, reps: int) -> tuple[float, float, float, float]:
+    def device_rates(self, reps: int) -> tuple[float, float, float, float, float]:
         """The `DeviceRates` fields (GEMM FLOP/s, memory bytes/s, seconds per kernel, cache
-        bytes/s) with every worker busy: each the work of one window over the median of `reps`
-        windows (`_contended_seconds`)."""
+        bytes/s, DTensor's seconds per kernel) with every worker busy: each the work of one
+        window over the median of `reps` windows (`_contended_seconds`)."""
         a = torch.randn(GEMM_SIZE, GEMM_SIZE, device=self.device)
         b = torch.randn(GEMM_SIZE, GEMM_SIZE, device=self.device)
         gemm = self._contended_seconds(lambda: a @ b, GEMMS_PER_REP, reps)
@@ -366,11 +373,16 @@ class _Worker:
         with KernelCounter() as counted:
             _scalar_chain(leaf)
         chain = self._contended_seconds(lambda: _scalar_chain(leaf), CHAIN_PER_REP, reps)
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        replicated = distribute_tensor(leaf.detach(), mesh, [Replicate()]).requires_grad_()
+        on_dtensor = self._contended_seconds(lambda: _scalar_chain(replicated), CHAIN_PER_REP, reps)
+        per_kernel = CHAIN_PER_REP * counted.count
         return (
             GEMMS_PER_REP * 2 * GEMM_SIZE**3 / gemm,
             self._stream_bandwidth(STREAM_NUMEL, STREAM_PER_REP, reps),
-            chain / (CHAIN_PER_REP * counted.count),
+            chain / per_kernel,
             self._stream_bandwidth(CACHE_STREAM_NUMEL, CACHE_STREAM_PER_REP, reps),
+            max(on_dtensor - chain, 0.0) / per_kernel,
         )
 
     def _stream_bandwidth(self, numel: int, times: int, reps: int) -> float:

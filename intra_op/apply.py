@@ -39,7 +39,8 @@ Where DTensor (torch 2.13) falls short, the program steps in:
 
 ``propagate_solution`` runs the graph once, with only the parameters and inputs placed, and
 records the placements DTensor's own sharding rules give every node: a complete, runnable
-``ShardingSolution`` (DTensor's default plan for those placements).
+``ShardingSolution`` (DTensor's default plan for those placements), with the number of
+collectives that forward ran.
 
 Parts of a graph (pipeline stages). ``apply(..., nodes=names)`` builds a program that holds only
 the parameters and buffers those nodes read and runs only them: ``ShardedProgram.run_part(
@@ -57,6 +58,15 @@ their gradients accumulate locally over the step: along a mesh axis that replica
 parameter, the micro-batches' ``Partial`` gradients are summed unreduced and ``close_step``
 all-reduces the sum once, in flat buckets (``intra_op.gradient_sync``); along an axis that
 shards it (ZeRO) each micro-batch's gradient is reduce-scattered in its backward.
+
+On a larger mesh, a part that is plain data parallelism (a forward DTensor runs without
+collectives, replicated parameters, the batch split along some axes: the conditions of
+``intra_op.local_execution``) runs the same compiled module on each device's local shards
+inside an open step: values from outside are cut to their local pieces, the results are
+wrapped back as DTensors in the placements DTensor gives them (the gradient of a ``Partial``
+average scaled by ``1/k``), and each parameter's gradient is the local ``Partial`` sum over
+the batch axes that ``close_step`` all-reduces in buckets, as DDP does. Without an open step
+such a part runs on DTensors.
 
 Master weights (mixed precision). ``apply(..., master_dtype=torch.float32)`` on a graph captured
 in a lower precision (bfloat16) stores the floating parameters in ``master_dtype``: they are
@@ -80,6 +90,7 @@ from torch import fx, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor import empty as dtensor_empty
+from torch.distributed.tensor.debug import CommDebugMode
 from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
 
 from hierarchical_ap.errors import HapError
@@ -91,6 +102,7 @@ from intra_op.gradient_sync import (
     StepParameter,
     reduce_to_stored,
 )
+from intra_op.local_execution import LocalExecution, ScaledGradient, local_execution
 from intra_op.placement import (
     Partial,
     Placement,
@@ -139,6 +151,7 @@ def apply(
     nodes: Collection[str] | None = None,
     plain: bool | None = None,
     master_dtype: torch.dtype | None = None,
+    local_graph: OpGraph | None = None,
 ) -> ShardedProgram:
     """The program that runs ``graph`` sharded as ``solution`` says on ``device_mesh``.
 
@@ -148,14 +161,24 @@ def apply(
     are allocated uninitialised for ``ShardedProgram.load_full_state_dict`` or a shard-by-shard
     initialisation. ``nodes`` restricts the program to those nodes (a pipeline stage; see the
     module docstring). ``plain`` chooses how ``run_part`` executes: ``None`` (the default)
-    runs plain tensors exactly when the mesh has one device, ``False`` runs DTensors on any
-    mesh (to compare the two paths). ``master_dtype`` stores the floating parameters in that
+    runs plain tensors when the mesh has one device, and plain local shards inside a step on a
+    larger mesh where the part qualifies (``intra_op.local_execution``; ``local_graph`` is the
+    program captured at the local batch it then runs), ``False`` runs DTensors on any mesh (to
+    compare the paths), ``True`` raises ``ValueError`` where a larger mesh's part does not
+    qualify, naming why. ``master_dtype`` stores the floating parameters in that
     dtype (master weights; see the module docstring). Raises ``InvalidSolutionError`` when the
     solution misses or misfits a value.
     """
     validate_solution(graph, solution, tuple(device_mesh.shape), nodes=nodes)
     return ShardedProgram(
-        graph, solution, device_mesh, state, nodes=nodes, plain=plain, master_dtype=master_dtype
+        graph,
+        solution,
+        device_mesh,
+        state,
+        nodes=nodes,
+        plain=plain,
+        master_dtype=master_dtype,
+        local_graph=local_graph,
     )
 
 
@@ -191,13 +214,14 @@ def propagate_solution(
         node_outputs={},
     )
     _check_leaf_placements(graph, solution, device_mesh.ndim, nodes)
-    program = ShardedProgram(graph, solution, device_mesh, state, nodes=nodes)
+    program = ShardedProgram(graph, solution, device_mesh, state, nodes=nodes, plain=False)
     recorder = _Recorder(solution, device_mesh.ndim)
-    with torch.no_grad():
+    with torch.no_grad(), CommDebugMode() as comms:
         if nodes is None:
             program._run(inputs, recorder)  # type: ignore[arg-type]
         else:
             program._run_part(inputs, (), recorder)  # type: ignore[arg-type]
+    solution.forward_collectives = comms.get_total_counts()
     return solution
 
 
@@ -480,13 +504,9 @@ class ShardedProgram(nn.Module):
         nodes: Collection[str] | None = None,
         plain: bool | None = None,
         master_dtype: torch.dtype | None = None,
+        local_graph: OpGraph | None = None,
     ) -> None:
         super().__init__()
-        if plain and device_mesh.size() != 1:
-            raise ValueError(
-                f"plain tensors hold whole values only on a one-device mesh, not on a "
-                f"{tuple(device_mesh.shape)} mesh; leave plain=None to choose by the mesh"
-            )
         self._graph = graph
         self._part = None if nodes is None else frozenset(nodes)
         """The nodes this program runs (``None``: the whole graph)."""
@@ -501,22 +521,37 @@ class ShardedProgram(nn.Module):
         """Graph input name → (``parameter`` | ``buffer`` | ``constant`` | ``input``, key)."""
         self._constants: dict[str, Any] = {}
         self._build_state(graph)
-        self._call_args = {
-            node: pytree.tree_map_only(
-                torch.device, lambda _: self._device, (node.args, node.kwargs)
-            )
-            for node in graph.graph_module.graph.nodes
-            if node.op == "call_function" and (self._part is None or node.name in self._part)
-        }
+        self._call_args = self._device_call_args(graph)
         self._written = {node: _written_inputs(node) for node in self._call_args}
         self._tensor_args = {node: _tensor_arguments(node) for node in self._call_args}
         self._last_uses = _last_uses(graph.graph_module.graph)
         self._follow = _FollowSolution(solution)
         self._checked_inputs: dict[tuple[fx.Node, int], Placements] = {}
         """(node, input index) → the solution's placements for it, checked against DTensor."""
-        self._plain = device_mesh.size() == 1 if plain is None else plain
-        """Whether parts run as plain-tensor graph modules (a one-device mesh; see
-        ``intra_op.plain_part``)."""
+        self._plain = device_mesh.size() == 1 and plain is not False
+        """Whether parts run as plain-tensor graph modules on whole values (a one-device mesh;
+        see ``intra_op.plain_part``)."""
+        self._local: LocalExecution | None = None
+        """How parts run as plain-tensor graph modules on local shards (a larger mesh; see
+        ``intra_op.local_execution``), or ``None``."""
+        if device_mesh.size() > 1 and plain is not False:
+            reads = {
+                name: entry
+                for name, entry in self._placeholders.items()
+                if self._read is None or name in self._read
+            }
+            local = local_execution(
+                graph, solution, tuple(device_mesh.shape), self._part, reads, local_graph
+            )
+            if isinstance(local, LocalExecution):
+                self._local = local
+            elif plain:
+                raise ValueError(
+                    f"this part cannot run on plain local shards of a {tuple(device_mesh.shape)} "
+                    f"mesh: {local}; leave plain=None to choose by the solution"
+                )
+        self._local_graph = local_graph if self._local is not None else None
+        """The program at the local batch whose nodes the local path runs."""
         self._value_names = frozenset(node.name for node in graph.graph_module.graph.nodes)
         self._plain_parts: dict[tuple[tuple[str, ...], tuple[str, ...]], _PlainPart] = {}
         self._step_params: dict[str, torch.Tensor] | None = None
@@ -557,6 +592,11 @@ class ShardedProgram(nn.Module):
         outputs the part reads, by name) and return the named values ``outputs`` (computed
         here or given), as DTensors. On a one-device mesh the part runs as a compiled graph
         module on plain tensors (same values: every DTensor there holds its whole value)."""
+        if self._local is not None and self._step_params is not None:
+            return {
+                name: self._local_result(name, value)
+                for name, value in self._run_compiled(values, outputs).items()
+            }
         if not self._plain:
             return self._run_part(values, outputs, self._follow)
         everywhere = replicated(self._mesh.ndim)
@@ -569,8 +609,37 @@ class ShardedProgram(nn.Module):
 
     @property
     def runs_plain(self) -> bool:
-        """Whether ``run_part`` runs on plain tensors (the mesh has one device)."""
+        """Whether ``run_part`` runs on plain tensors holding whole values (the mesh has one
+        device)."""
         return self._plain
+
+    @property
+    def runs_local(self) -> bool:
+        """Whether ``run_part`` runs on plain local shards inside an open step (a larger mesh
+        and a part that qualifies: ``intra_op.local_execution``)."""
+        return self._local is not None
+
+    def _local_result(self, name: str, value: Any) -> Any:
+        """A value the local module computed (or was given) as the DTensor of its placement;
+        the gradient of a ``Partial`` average is scaled by ``1/k`` on the way back."""
+        if not isinstance(value, torch.Tensor):
+            return value
+        assert self._local is not None
+        placements = self._solution.node_outputs.get(name) or self._solution.input_placements.get(
+            name, replicated(self._mesh.ndim)
+        )
+        scale = self._local.gradient_scale(placements)
+        if scale != 1.0:
+            value = ScaledGradient.apply(value, scale)
+        meta = self._graph.value_meta(name)
+        return DTensor.from_local(
+            value,
+            self._mesh,
+            placements,
+            run_check=False,
+            shape=torch.Size(meta.shape),
+            stride=meta.stride,
+        )
 
     def open_step(self) -> None:
         """Wrap the parameters once for the micro-batches of one optimizer step, until
@@ -592,7 +661,7 @@ class ShardedProgram(nn.Module):
             for fqn, param in self._params_by_fqn.items()
         }
         self._step_gradients = StepGradients()
-        if self._plain:
+        if self._plain or self._local is not None:
             self._step_params = {
                 fqn: self._as_captured(fqn, leaf) for fqn, leaf in self._step_leaves.items()
             }
@@ -633,9 +702,10 @@ class ShardedProgram(nn.Module):
                 leaf = leaves[fqn]
                 if fqn in summed:  # the DTensor path
                     accumulated[fqn] = summed.pop(fqn)
-                elif leaf.grad is not None:  # the plain path: the leaf holds the whole sum
+                elif leaf.grad is not None:  # the plain paths: the leaf holds the local sum
+                    staged = stored if self._local is None else self._local.gradient_placements
                     accumulated[fqn] = AccumulatedGradient(
-                        leaf.grad, stored, stored, param.shape, param.stride()
+                        leaf.grad, staged, stored, param.shape, param.stride()
                     )
                     leaf.grad = None
             del leaves
@@ -727,6 +797,13 @@ class ShardedProgram(nn.Module):
                 "this program runs DTensors (its mesh has more than one device, or it was built "
                 "with plain=False); call run_part"
             )
+        return self._run_compiled(values, outputs)
+
+    def _run_compiled(
+        self, values: Mapping[str, Any], outputs: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """The part's compiled graph module on the plain (whole or local) tensors of
+        ``values`` and the program's state; the named results."""
         given = tuple(name for name in values if name in self._value_names)
         key = (given, tuple(outputs))
         part = self._plain_parts.get(key)
@@ -750,21 +827,35 @@ class ShardedProgram(nn.Module):
                 constants[node.name] = self._constants[key]
             else:
                 sources.append((kind, node.name))
+        local = self._local_graph
         module = plain_part_module(
-            self._graph.graph_module.graph,
+            (local or self._graph).graph_module.graph,
             self._part,
             [name for _, name in sources],
             constants,
-            self._call_args,
+            self._call_args if local is None else self._device_call_args(local),
             METADATA_CHECKS,
             outputs,
         )
         return _PlainPart(module, tuple(sources))
 
+    def _device_call_args(self, graph: OpGraph) -> dict[fx.Node, tuple[Any, Any]]:
+        """The arguments of the part's call nodes of ``graph``, device arguments rewritten to
+        the mesh's device."""
+        return {
+            node: pytree.tree_map_only(
+                torch.device, lambda _: self._device, (node.args, node.kwargs)
+            )
+            for node in graph.graph_module.graph.nodes
+            if node.op == "call_function" and (self._part is None or node.name in self._part)
+        }
+
     def _plain_source(self, kind: str, name: str, values: Mapping[str, Any]) -> Any:
         """The plain tensor (or value) the plain graph module takes for source ``name``."""
         if kind == "given":
             value = values[name]
+            if self._local is not None and isinstance(value, torch.Tensor):
+                return self._outside_value(name, value).to_local()
             if isinstance(value, DTensor):
                 return value.to_local()
             return value.to(self._device) if isinstance(value, torch.Tensor) else value

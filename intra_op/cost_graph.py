@@ -42,6 +42,17 @@ cheaper when ``B = 1``).
 With ``zero`` (an ``intra_op.zero.ZeroStage``) the parameters' storage choices, state memory
 and gradient synchronisation follow that ZeRO stage over mesh axis 0 instead.
 
+DTensor dispatch. On a mesh of several devices the runtime runs a stage on DTensors, whose
+dispatch costs ``d = DeviceSpec.dtensor_dispatch_s`` per op on the host, unless the stage is
+plain data parallelism (every parameter replicated: ``intra_op.local_execution``), which runs
+as plain local tensor code. ``CostGraph.dispatch_s`` is that charge for the sub-graph,
+
+    D = d · (N_fwd + N_bwd),
+
+``N_fwd`` its executed forward ops and ``N_bwd`` the aten kernels of its backward, and
+``replicated_params`` gives each parameter group's fully replicated choices; ``intra_op.solve``
+adds ``D`` to every assignment but those (see there).
+
 ``CostGraph.breakdown`` splits a chosen assignment's cost into what the outer planner needs:
 the forward share of the time (what full recomputation repeats), the gradient synchronisation
 per step, and memory as training state (parameters, gradients, optimizer) versus activations
@@ -51,6 +62,7 @@ kept per micro-batch.
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -60,7 +72,7 @@ import torch
 from hierarchical_ap.cluster import LogicalMesh
 from hierarchical_ap.cost_model import CostModel
 from hierarchical_ap.graph import OpGraph
-from hierarchical_ap.profile import TensorMeta
+from hierarchical_ap.profile import METADATA_CHECKS, TensorMeta
 from intra_op.ilp import ShardingProblem
 from intra_op.placement import REPLICATE, Placements, Shard, is_valid, shard_factor
 from intra_op.resharding import accumulated_gradient_times, gradient_placements, reshard_time
@@ -160,6 +172,11 @@ class CostGraph:
     forward_edges: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
     sync_edges: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
     state_groups: frozenset[int] = frozenset()
+    replicated_params: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """Parameter group → the indices of its choices that replicate on every mesh axis."""
+    dispatch_s: tuple[float, float] = (0.0, 0.0)
+    """DTensor's dispatch charge ``D`` (forward, backward) of one micro-batch: 0 on a
+    one-device mesh or a device without one (module docstring)."""
 
     def breakdown(self, choice: Sequence[int]) -> CostBreakdown:
         """Time and memory of the assignment ``choice`` (one index per decision group)."""
@@ -299,7 +316,31 @@ def build_cost_graph(
         forward_edges=builder.forward_edges,
         sync_edges=builder.sync_edges,
         state_groups=frozenset(builder.state_groups),
+        replicated_params={
+            chooser.group: tuple(
+                i for i, p in enumerate(chooser.outputs) if all(x.is_replicate() for x in p)
+            )
+            for chooser in choosers.values()
+            if chooser.kind == "param"
+        },
+        dispatch_s=dispatch_time(graph, selected, mesh),
     )
+
+
+def dispatch_time(graph: OpGraph, nodes: Sequence[str], mesh: LogicalMesh) -> tuple[float, float]:
+    """DTensor's dispatch charge ``(d·N_fwd, d·N_bwd)`` of ``nodes`` on ``mesh`` (module
+    docstring): ``N_fwd`` counts the executed ops (not metadata checks, nor ``getitem``, which
+    indexes a tuple in Python), ``N_bwd`` the backward kernels of the nodes' profiles."""
+    d = mesh.submesh.cluster.device.dtensor_dispatch_s
+    if d == 0 or mesh.shape[0] * mesh.shape[1] == 1:
+        return 0.0, 0.0
+    executed = [
+        graph.nodes[name]
+        for name in nodes
+        if graph.fx_node(name).target not in METADATA_CHECKS
+        and graph.fx_node(name).target is not operator.getitem
+    ]
+    return d * len(executed), d * sum(node.profile.backward_kernels for node in executed)
 
 
 class _ProblemBuilder:

@@ -46,7 +46,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,6 +133,26 @@ class IlpSession:
     def solve(self, memory_budget: float | None) -> IlpResult:
         """The optimum under ``memory_budget`` bytes per device (``None``: unbounded)."""
         return self._solve(memory_budget, np.zeros(0, dtype=np.int32))
+
+    def solve_within(
+        self, memory_budget: float | None, allowed: Mapping[int, Sequence[int]]
+    ) -> IlpResult:
+        """The optimum under ``memory_budget`` with each group ``v`` of ``allowed`` choosing
+        only among the strategies ``allowed[v]`` (the others' ``s`` fixed to 0). Raises
+        ``InfeasibleError`` when a group has no allowed strategy (a constant group's only one
+        among them) or nothing allowed fits the budget."""
+        excluded: list[int] = []
+        for group, strategies in allowed.items():
+            span = self.model.group_columns[group]
+            keep = set(strategies)
+            if span is None:
+                if 0 not in keep:
+                    raise InfeasibleError(f"group {group}'s only strategy is not allowed")
+                continue
+            if not keep & set(range(span[1] - span[0])):
+                raise InfeasibleError(f"group {group} has no allowed strategy")
+            excluded += [span[0] + i for i in range(span[1] - span[0]) if i not in keep]
+        return self._solve(memory_budget, np.asarray(excluded, dtype=np.int32))
 
     def solve_smallest(self) -> IlpResult:
         """The fastest of the assignments of least memory (module docstring: exact, no budget
@@ -380,9 +400,7 @@ class _HighsModel:
         )
         self.highs = highs
 
-    def solve(
-        self, budget_row_upper: float, excluded: np.ndarray
-    ) -> tuple[str, np.ndarray | None]:
+    def solve(self, budget_row_upper: float, excluded: np.ndarray) -> tuple[str, np.ndarray | None]:
         """``(status, x or None)`` with the budget row (5) bounded by ``budget_row_upper`` and
         the ``excluded`` columns fixed to 0."""
         highs, model = self.highs, self.model

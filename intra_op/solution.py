@@ -37,12 +37,19 @@ class ShardingSolution:
     solver: str = ""
     forward_time_s: float = 0.0
     """The forward share of ``cost_s`` (what full recomputation runs again)."""
+    dispatch_s: float = 0.0
+    """DTensor's dispatch charge in ``cost_s`` (``intra_op.cost_graph``; 0 for a stage that
+    runs as plain data parallelism)."""
     gradient_sync_s: float = 0.0
     """Synchronisation of replicated parameters' gradients, once per step."""
     state_bytes_per_device: float = 0.0
     """Parameters, gradients and optimizer states (part of ``memory_bytes_per_device``)."""
     activation_bytes_per_device: float = 0.0
     """Activations kept for backward, one micro-batch (the rest of ``memory_bytes_per_device``)."""
+    forward_collectives: int | None = None
+    """Collectives DTensor ran in the forward when ``propagate_solution`` recorded this
+    solution (``None``: not recorded, e.g. an ILP solution); 0 lets the part run on local
+    shards (``intra_op.local_execution``)."""
 
     def describe_params(self) -> dict[str, str]:
         """Parameter FQN → compact placement string (``S0R``…)."""

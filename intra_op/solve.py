@@ -10,7 +10,7 @@ from hierarchical_ap.cost_model import CostModel
 from hierarchical_ap.errors import NoFeasiblePlanError
 from hierarchical_ap.graph import OpGraph
 from intra_op.cost_graph import FP32_ADAM, CostGraph, TrainingMemory, build_cost_graph
-from intra_op.ilp import IlpSession, InfeasibleError, minimum_memory
+from intra_op.ilp import IlpResult, IlpSession, InfeasibleError, minimum_memory
 from intra_op.solution import ShardingSolution
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ def solve_cost_graph(
             f"{exc} on a {mesh.shape[0]}x{mesh.shape[1]} mesh of {cluster.device.name}; "
             "use more devices, a larger memory budget, or a smaller batch"
         ) from exc
+    result, dispatch = _with_dispatch(cost_graph, session, result, budget, lean)
 
     breakdown = cost_graph.breakdown(result.choice)
     solution = ShardingSolution(
@@ -95,13 +96,14 @@ def solve_cost_graph(
         input_placements={},
         node_inputs={},
         node_outputs={},
-        cost_s=result.objective,
+        cost_s=result.objective + sum(dispatch),
         memory_bytes_per_device=cost_graph.problem.memory_of(result.choice),
         num_variables=result.num_variables,
         num_constraints=result.num_constraints,
         solve_time_s=result.solve_time_s,
         solver=result.solver,
-        forward_time_s=breakdown.forward_time_s,
+        forward_time_s=breakdown.forward_time_s + dispatch[0],
+        dispatch_s=sum(dispatch),
         gradient_sync_s=breakdown.gradient_sync_s,
         state_bytes_per_device=breakdown.state_bytes,
         activation_bytes_per_device=breakdown.activation_bytes,
@@ -130,3 +132,32 @@ def solve_cost_graph(
         solution.solver,
     )
     return solution
+
+
+def _with_dispatch(
+    cost_graph: CostGraph,
+    session: IlpSession,
+    result: IlpResult,
+    budget: float | None,
+    lean: bool,
+) -> tuple[IlpResult, tuple[float, float]]:
+    """The optimum of the objective with DTensor's dispatch charge, and the charge it pays.
+
+    The charge ``D = CostGraph.dispatch_s`` is paid by every assignment that stores some
+    parameter other than replicated (the runtime then runs the stage on DTensors), so the
+    optimum of ``f(x) + D·[x shards a parameter]`` is the cheaper of the ILP's own optimum
+    plus ``D`` (nothing if it replicates every parameter already) and the optimum over the
+    replicated assignments (``IlpSession.solve_within``), which pay none. A least-memory
+    (``lean``) answer keeps its assignment and pays ``D`` if it shards."""
+    dispatch = cost_graph.dispatch_s
+    replicated = cost_graph.replicated_params
+    if sum(dispatch) == 0 or all(result.choice[g] in ok for g, ok in replicated.items()):
+        return result, (0.0, 0.0)
+    if not lean:
+        try:
+            alternative = session.solve_within(budget, replicated)
+        except InfeasibleError:
+            alternative = None
+        if alternative is not None and alternative.objective <= result.objective + sum(dispatch):
+            return alternative, (0.0, 0.0)
+    return result, dispatch

@@ -77,7 +77,9 @@ def slice_stages(graph: OpGraph, plan: ParallelPlan) -> list[StageSlice]:
     for s in range(len(starts)):
         nodes = order[bounds[s] : bounds[s + 1]]
         sent = tuple(n.name for n in order[: bounds[s + 1]] if last_reader.get(n.name, -1) > s)
-        read = {v for n in nodes for v in n.all_input_nodes if v.op == "placeholder"}
+        # graph inputs the stage reads, in the order its nodes read them (the same on every
+        # worker: a set of nodes would iterate in the order of their addresses)
+        read = dict.fromkeys(v for n in nodes for v in n.all_input_nodes if v.op == "placeholder")
         for value in sent:
             _check_single_tensor(graph, value, s)
         slices.append(

@@ -26,7 +26,12 @@ Execution is chosen by the mesh (``ShardedProgram.run_part``): on a one-device m
 dp=1`` stages, as Megatron runs plain modules at ``tp=1``) the slice runs as a compiled
 ``fx.GraphModule`` on plain tensors (``ShardedProgram.run_plain_part``), and received and sent
 values stay the plain full tensors they are (``runtime.boundary``'s DTensor wrapping is the
-identity there); on a larger mesh it runs node by node on DTensors. Either way the parameters
+identity there). On a larger mesh, a stage that is plain data parallelism (every parameter
+replicated, the batch split along axis 0, a forward DTensor runs without collectives:
+``intra_op.local_execution``) runs the same compiled module on each device's rows, built from
+``local_graph``, the program the worker captured at the local batch; received and sent values
+are DTensors whose local tensors it reads and writes. Any other stage runs node by node on
+DTensors. Either way the parameters
 are wrapped once per optimizer step (``ShardedProgram.open_step``): every schedule runs a
 stage's forwards in micro-batch order, so the forward of micro-batch 0 opens the step, and the
 ``m``-th backward closes it: the gradients accumulated over the step are reduced to the
@@ -104,6 +109,7 @@ class StageProgram:
         *,
         num_microbatches: int,
         master_dtype: torch.dtype | None = None,
+        local_graph: OpGraph | None = None,
     ) -> None:
         self.slice = stage_slice
         self.mesh = mesh
@@ -127,7 +133,13 @@ class StageProgram:
         }
         solution = propagate_solution(graph, mesh, params, inputs, zeros, nodes=stage_slice.nodes)
         self.program: ShardedProgram = apply(
-            graph, solution, mesh, state, nodes=stage_slice.nodes, master_dtype=master_dtype
+            graph,
+            solution,
+            mesh,
+            state,
+            nodes=stage_slice.nodes,
+            master_dtype=master_dtype,
+            local_graph=local_graph,
         )
         self.received_metas = [(metas[n].shape, metas[n].dtype) for n in stage_slice.received]
         self.received_needs_grad = [_needs_grad(graph, n) for n in stage_slice.received]

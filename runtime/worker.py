@@ -5,7 +5,9 @@ it on bare gloo processes). Its life:
 
 1. ``join``: ``torch.distributed`` with the global group (gloo on CPU, NCCL on GPU) and a
    timeout, so a vanished peer surfaces as an error instead of a hang;
-2. ``build``: capture the model at the micro-batch size, slice it into the plan's stages, make
+2. ``build``: capture the model at the micro-batch size (and at the local batch of a
+   data-parallel mesh, for stages that run plain data parallelism on their rows:
+   ``intra_op.local_execution``), slice it into the plan's stages, make
    one ``DeviceMesh`` per pipeline rank (every worker creates every mesh and group, in the same
    order, as ``torch.distributed`` requires), the ``StageProgram`` of each stage this worker
    holds (sharded from the model's weights, or, for a meta-device model, allocated as empty
@@ -50,9 +52,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.distributed_c10d import _set_pg_timeout
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from hierarchical_ap.errors import CaptureError
 from hierarchical_ap.graph import OpGraph, capture
 from hierarchical_ap.models.materialize import InitReport, init_held, meta_copy
-from hierarchical_ap.plan import ParallelPlan
+from hierarchical_ap.plan import ParallelPlan, PlanStage
 from hierarchical_ap.schedules import BACKWARD, FORWARD, build_schedule
 from runtime import boundary, checkpoint
 from runtime.instructions import (
@@ -101,6 +104,13 @@ def model_leaves(inputs: Any) -> list[Any]:
     if isinstance(inputs, (tuple, list)):
         return pytree.tree_leaves((tuple(inputs), {}))
     return pytree.tree_leaves(((inputs,), {}))
+
+
+def _first_rows(value: Any, batch: int | None, rows: int) -> Any:
+    """``value`` with every tensor whose dim 0 is ``batch`` cut to its first ``rows`` rows."""
+    return pytree.tree_map_only(
+        torch.Tensor, lambda t: t[:rows] if t.dim() > 0 and t.shape[0] == batch else t, value
+    )
 
 
 def to_meta(value: Any) -> Any:
@@ -167,17 +177,19 @@ class PipelineWorker:
             # DeviceMesh makes its groups with torch's 30-minute default timeout
             _set_pg_timeout(self.timeout, self.mesh.get_group(dim))
         state = self._initial_state(program)
-        for s, stage in enumerate(plan.stages):
-            if s % p == self.pipeline_rank:
-                self.programs[s] = StageProgram(
-                    self.graph,
-                    self.slices[s],
-                    stage,
-                    self.mesh,
-                    state,
-                    num_microbatches=plan.num_microbatches,
-                    master_dtype=self.policy.master_dtype,
-                )
+        held = [s for s in range(len(plan.stages)) if s % p == self.pipeline_rank]
+        local_graph = self._local_graph(program, [plan.stages[s] for s in held])
+        for s in held:
+            self.programs[s] = StageProgram(
+                self.graph,
+                self.slices[s],
+                plan.stages[s],
+                self.mesh,
+                state,
+                num_microbatches=plan.num_microbatches,
+                master_dtype=self.policy.master_dtype,
+                local_graph=local_graph,
+            )
         del state
         self.init_report = self._initialise_shards(program)
         self.shared = self._shared_parameter_groups(layout)
@@ -200,18 +212,37 @@ class PipelineWorker:
             "master_fingerprint": master_fingerprint(self.graph, self.policy),
         }
 
-    def _capture(self, program: TrainingProgram) -> OpGraph:
-        """The model's training program at the micro-batch size, in the compute dtype."""
+    def _capture(self, program: TrainingProgram, rows: int | None = None) -> OpGraph:
+        """The model's training program at the micro-batch size (or at its first ``rows``
+        rows: every input and target whose dim 0 is the micro-batch is cut), in the compute
+        dtype."""
         model = program.model
         dtype = self.policy.compute_dtype
         if not is_on_meta(model) or dtype is not None:
             model = meta_copy(model, dtype)
+        inputs, targets = to_meta(program.microbatch_inputs), to_meta(program.microbatch_targets)
+        if rows is not None:
+            inputs, targets = _first_rows((inputs, targets), self.graph.batch_size, rows)
         return capture(
-            model,
-            self.policy.compute_inputs(to_meta(program.microbatch_inputs)),
-            loss_fn=program.loss_fn,
-            targets=to_meta(program.microbatch_targets),
+            model, self.policy.compute_inputs(inputs), loss_fn=program.loss_fn, targets=targets
         )
+
+    def _local_graph(self, program: TrainingProgram, stages: list[PlanStage]) -> OpGraph | None:
+        """The program captured at the local batch of this worker's mesh, when one of its
+        stages may run data-parallel on plain local shards (``intra_op.local_execution``):
+        every parameter replicated, the batch split along mesh axis 0 (``StageProgram``);
+        ``None`` otherwise, or when the model does not capture at that batch."""
+        rows, batch = self.mesh.shape[0], self.graph.batch_size
+        replicated = any(
+            all(p == "R" for ps in stage.param_placements.values() for p in ps) for stage in stages
+        )
+        if rows == 1 or not batch or batch % rows or not replicated:
+            return None
+        try:
+            return self._capture(program, batch // rows)
+        except CaptureError as exc:
+            logger.info("no local graph at batch %d: %s", batch // rows, str(exc).splitlines()[0])
+            return None
 
     def _initial_state(self, program: TrainingProgram) -> nn.Module | None:
         """The full weights the stage programs are sharded from: the model's own, or ``None``

@@ -315,6 +315,7 @@ def probed_cluster() -> Cluster:
         hbm_bandwidth=5.1e9,
         cache_bandwidth=9.3e9,
         cache_bytes=3 * 2**20,
+        dtensor_dispatch_s=6.1e-5,
     )
     return Cluster(1, 2, device, link, cluster.inter_host_link, "gloo")
 
@@ -353,7 +354,7 @@ def test_overrides_on_a_spec(tmp_path):
         "num_hosts: 4\n"
         "backend: gloo\n"
         "device: {memory_gib: 40, peak_tflops_bf16: 200, kernel_overhead_us: 12,\n"
-        "         cache_gb_s: 9.5, cache_mib: 1.5}\n"
+        "         cache_gb_s: 9.5, cache_mib: 1.5, dtensor_dispatch_us: 61}\n"
         "intra_host_link: {bandwidth_gb_s: 150, latency_us: 2}\n"
         "inter_host_link: {bandwidth: 25e9}\n"  # YAML reads 25e9 as a string
     )
@@ -363,6 +364,8 @@ def test_overrides_on_a_spec(tmp_path):
     assert cluster.device.peak_flops_bf16 == 200e12
     assert cluster.device.kernel_overhead_s == 12e-6
     assert (cluster.device.cache_bandwidth, cluster.device.cache_bytes) == (9.5e9, 3 * 2**19)
+    assert cluster.device.dtensor_dispatch_s == 61e-6
+    assert base.device.dtensor_dispatch_s == 0.0
     assert cluster.device.peak_flops_fp32 == base.device.peak_flops_fp32
     assert cluster.intra_host_link == Link(150e9, 2e-6)
     assert cluster.inter_host_link == Link(25e9, INFINIBAND_LATENCY_S)
@@ -448,6 +451,11 @@ def test_fully_explicit_custom_device(tmp_path):
             "c.yaml",
             "spec: 2x8xA100-80GB\ndevice: {kernel_overhead_s: -1}\n",
             "DeviceSpec.kernel_overhead_s must be a finite number >= 0",
+        ),
+        (
+            "c.yaml",
+            "spec: 2x8xA100-80GB\ndevice: {dtensor_dispatch_us: -3}\n",
+            "DeviceSpec.dtensor_dispatch_s must be a finite number >= 0",
         ),
         (
             "c.yaml",

@@ -140,13 +140,15 @@ def _mlp_plan(precision: str = "fp32"):
 
 
 def _expected_backwards(
-    loss_dtype: str, bucket: int, scattered: tuple[int, ...] = ()
+    loss_dtype: str | None, bucket: int, scattered: tuple[int, ...] = ()
 ) -> list[Counter]:
-    """The collectives of a step's ``B`` backwards: in each, the loss's own scalar all-reduce
-    (``nll_loss``'s backward reduces the batch-sharded total weight) and the reduce-scatter of
-    each ZeRO gradient (``scattered``: their sizes); in the last, one fp32 all-reduce of the
-    ``bucket`` values of every replicated parameter's gradient."""
-    every = Counter({("all_reduce", loss_dtype, 1): 1}) + Counter(
+    """The collectives of a step's ``B`` backwards: in each, on DTensors, the loss's own scalar
+    all-reduce (``nll_loss``'s backward reduces the batch-sharded total weight; ``loss_dtype``
+    ``None``: none, the stage runs plain data parallelism on its rows,
+    ``intra_op.local_execution``) and the reduce-scatter of each ZeRO gradient (``scattered``:
+    their sizes); in the last, one fp32 all-reduce of the ``bucket`` values of every
+    replicated parameter's gradient."""
+    every = Counter({("all_reduce", loss_dtype, 1): 1} if loss_dtype is not None else {}) + Counter(
         ("reduce_scatter", "torch.float32", n) for n in scattered
     )
     return [every] * (MICROBATCHES - 1) + [every + Counter({("all_reduce", FP32, bucket): 1})]
@@ -155,8 +157,9 @@ def _expected_backwards(
 @pytest.mark.timeout(240)
 def test_data_parallel_stage_all_reduces_once_per_step(workers):
     losses, state, per_rank, _ = _run(workers, _stored(_mlp_plan()))
-    # before: every backward all-reduced each of the 12 parameter gradients
-    expected = _expected_backwards(FP32, PARAMETERS)
+    # before: every backward all-reduced each of the 12 parameter gradients; every parameter
+    # replicated, the stage runs on its rows as plain data parallelism: no loss all-reduce
+    expected = _expected_backwards(None, PARAMETERS)
     assert per_rank == [[expected] * STEPS] * WORLD, per_rank[0]
     reference = reference_run(build_case("mlp", STEPS), sgd)
     assert compare(losses, state, reference) == {}
@@ -190,7 +193,7 @@ def test_gradients_sharded_along_the_data_axis_are_gathered_once_per_step(worker
 @pytest.mark.timeout(240)
 def test_bf16_gradients_are_reduced_once_in_float32(workers):
     _, _, per_rank, dtypes = _run(workers, _stored(_mlp_plan("bf16")))
-    expected = _expected_backwards("torch.bfloat16", PARAMETERS)
+    expected = _expected_backwards(None, PARAMETERS)
     assert per_rank == [[expected] * STEPS] * WORLD, per_rank[0]
     assert dtypes["parameters"] == dtypes["gradients"] == [FP32]
 

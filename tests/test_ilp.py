@@ -193,3 +193,44 @@ def test_smallest_is_the_fastest_of_the_least_memory_assignments(solver, seed):
     assert result.objective == pytest.approx(expected, rel=1e-7)
     # the exclusion is undone: the session's next unconstrained solve is the free optimum
     assert session.solve(None).objective == pytest.approx(brute_force(problem), rel=1e-7)
+
+
+@pytest.mark.parametrize("solver", ["highs", "cbc"])
+@pytest.mark.parametrize("seed", range(6))
+def test_solve_within_is_the_brute_force_optimum_over_the_allowed_strategies(solver, seed):
+    rng = np.random.default_rng(100 + seed)
+    problem = random_problem(rng, groups=6, budget_fraction=0.6)
+    allowed = {
+        g: tuple(sorted(rng.choice(len(c), size=int(rng.integers(1, len(c) + 1)), replace=False)))
+        for g, c in enumerate(problem.costs)
+        if g % 2 == 0 and len(c) > 1
+    }
+    choices = [
+        c
+        for c in itertools.product(*(range(len(c)) for c in problem.costs))
+        if all(c[g] in ok for g, ok in allowed.items())
+        and problem.memory_of(c) <= problem.memory_budget
+    ]
+    session = IlpSession(problem, solver=solver)
+    if not choices:
+        with pytest.raises(InfeasibleError):
+            session.solve_within(problem.memory_budget, allowed)
+        return
+    result = session.solve_within(problem.memory_budget, allowed)
+    assert all(result.choice[g] in ok for g, ok in allowed.items())
+    assert result.objective == pytest.approx(min(problem.objective(c) for c in choices), rel=1e-7)
+    # the restriction is undone for the session's next solve
+    free = ShardingProblem(problem.costs, problem.memory, problem.edges, problem.memory_budget)
+    assert session.solve(problem.memory_budget).objective == pytest.approx(
+        brute_force(free), rel=1e-7
+    )
+
+
+def test_solve_within_refuses_a_constant_group_outside_its_allowed_strategies():
+    problem = ShardingProblem([np.array([1.0]), np.array([2.0, 3.0])], [np.ones(1), np.ones(2)], [])
+    session = IlpSession(problem)
+    with pytest.raises(InfeasibleError, match="group 0's only strategy"):
+        session.solve_within(None, {0: ()})
+    with pytest.raises(InfeasibleError, match="group 1 has no allowed strategy"):
+        session.solve_within(None, {1: (5,)})
+    assert session.solve_within(None, {1: (1,)}).choice == (0, 1)

@@ -134,6 +134,7 @@ def check_probed_file(path, workers: int) -> Cluster:
     assert 1e-7 < cluster.device.kernel_overhead_s < 1e-3
     assert cluster.device.cache_bytes == CACHE_WORKING_SET
     assert 1e8 < cluster.device.cache_bandwidth < 1e13
+    assert 0 <= cluster.device.dtensor_dispatch_s < 1e-2
     axis = cluster.logical_mesh((1, workers)).axes[1]
     assert CostModel.for_cluster(cluster).all_reduce_time(MIB, axis) > 0
     return cluster
@@ -169,6 +170,8 @@ def test_probe_four_workers_json(tmp_path, capsys, no_ray_left_behind):
     assert summary["kernel_overhead_s"] >= 0.8 * alone
     assert summary["memory_bandwidth"] > 0
     assert summary["cache_bandwidth"] > 0 and summary["cache_bytes"] == CACHE_WORKING_SET
+    # DTensor wraps every op it dispatches in sharding propagation: dearer than the plain op
+    assert summary["dtensor_dispatch_s"] > 0.2 * summary["kernel_overhead_s"]
 
 
 def _single_thread_gemm_flops() -> float:

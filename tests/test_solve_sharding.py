@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import operator
+
 import pytest
 
 from hierarchical_ap import NoFeasiblePlanError, capture
 from hierarchical_ap.cluster import Cluster
+from hierarchical_ap.cost_model import CostModel
 from hierarchical_ap.models import from_spec
+from hierarchical_ap.profile import METADATA_CHECKS
 from intra_op import solve_sharding
+from intra_op.cost_graph import build_cost_graph
+from intra_op.ilp import IlpSession
 from intra_op.placement import Partial, Replicate, Shard
 
 R = Replicate()
@@ -148,3 +155,51 @@ def test_lean_solution_needs_the_least_memory():
     assert lean.memory_bytes_per_device < fastest.memory_bytes_per_device
     assert lean.cost_s >= fastest.cost_s
     assert lean.state_bytes_per_device < fastest.state_bytes_per_device / 2  # ZeRO-style
+
+
+def _dispatching_cpus(seconds_per_op: float) -> Cluster:
+    cluster = Cluster.local_cpu(2)
+    device = dataclasses.replace(cluster.device, dtensor_dispatch_s=seconds_per_op)
+    return dataclasses.replace(cluster, device=device)
+
+
+def test_dtensor_dispatch_is_charged_unless_every_parameter_is_replicated():
+    """The objective with DTensor's dispatch charge, ``f(x) + D·[x shards a parameter]``, by
+    its two cases: ``D = d·(N_fwd + N_bwd)`` counted here from the graph's nodes; the
+    replicated optimum from the ILP restricted to replicated parameters."""
+    graph = captured("gpt:layers=1,hidden=512,heads=8,vocab=1024,seq=8", batch=2)
+    free = solve_sharding(
+        graph, _dispatching_cpus(0.0).logical_mesh((2, 1)), _dispatching_cpus(0.0)
+    )
+    sharded = {fqn for fqn, p in free.param_placements.items() if p != (R, R)}
+    assert sharded and free.dispatch_s == 0.0  # the MLP weights split over the batch axis
+    executed = [
+        node
+        for name, node in graph.nodes.items()
+        if graph.fx_node(name).target not in METADATA_CHECKS
+        and graph.fx_node(name).target is not operator.getitem
+    ]
+    ops = len(executed) + sum(node.profile.backward_kernels for node in executed)
+    assert ops > 2 * len(executed)
+    cost_graph = build_cost_graph(
+        graph,
+        _dispatching_cpus(0.0).logical_mesh((2, 1)),
+        CostModel.for_cluster(Cluster.local_cpu(2)),
+    )
+    replicated = IlpSession(cost_graph.problem).solve_within(None, cost_graph.replicated_params)
+    assert replicated.objective > free.cost_s
+    breakeven = (replicated.objective - free.cost_s) / ops
+    for d in (breakeven / 10, breakeven * 10):
+        cluster = _dispatching_cpus(d)
+        solution = solve_sharding(graph, cluster.logical_mesh((2, 1)), cluster)
+        if d < breakeven:
+            assert solution.param_placements == free.param_placements
+            assert solution.dispatch_s == pytest.approx(d * ops, rel=1e-9)
+            assert solution.cost_s == pytest.approx(free.cost_s + d * ops, rel=1e-9)
+        else:
+            assert all(p == (R, R) for p in solution.param_placements.values())
+            assert solution.dispatch_s == 0.0
+            assert solution.cost_s == pytest.approx(replicated.objective, rel=1e-9)
+    one_device = _dispatching_cpus(1.0)
+    alone = solve_sharding(graph, one_device.logical_mesh((1, 1)), one_device)
+    assert alone.dispatch_s == 0.0  # a one-device stage runs plain tensors

@@ -104,6 +104,7 @@ def _summary(result: ProbeResult, path: str) -> dict:
         "kernel_overhead_s": result.rates and result.rates.kernel_overhead_s,
         "cache_bandwidth": result.rates and result.rates.cache_bandwidth,
         "cache_bytes": result.rates and result.cluster.device.cache_bytes,
+        "dtensor_dispatch_s": result.rates and result.rates.dtensor_dispatch_s,
         "collectives": {
             c.value: {"alpha": f.alpha, "beta": f.beta} for c, f in result.fits.items()
         },
@@ -119,7 +120,8 @@ def _table(result: ProbeResult) -> Table:
             f"per worker: fp32 GEMM {rates.gemm_flops / 1e9:.1f} GFLOP/s, memory "
             f"{rates.memory_bandwidth / 1e9:.2f} GB/s ({rates.cache_bandwidth / 1e9:.2f} GB/s "
             f"for kernels within {cluster.device.cache_bytes / 2**20:g} MiB), "
-            f"{rates.kernel_overhead_s * 1e6:.1f} µs per kernel"
+            f"{rates.kernel_overhead_s * 1e6:.1f} µs per kernel "
+            f"(+{rates.dtensor_dispatch_s * 1e6:.1f} µs on DTensor)"
         )
     table = Table(
         title=f"{cluster.devices_per_host} {cluster.device.name} workers ({cluster.backend})",
