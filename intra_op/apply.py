@@ -552,6 +552,10 @@ class ShardedProgram(nn.Module):
                 )
         self._local_graph = local_graph if self._local is not None else None
         """The program at the local batch whose nodes the local path runs."""
+        self._local_call_args = (
+            None if self._local_graph is None else self._device_call_args(self._local_graph)
+        )
+        """The arguments of the local graph's nodes (as ``_call_args`` for the global one)."""
         self._value_names = frozenset(node.name for node in graph.graph_module.graph.nodes)
         self._plain_parts: dict[tuple[tuple[str, ...], tuple[str, ...]], _PlainPart] = {}
         self._step_params: dict[str, torch.Tensor] | None = None
@@ -833,7 +837,7 @@ class ShardedProgram(nn.Module):
             self._part,
             [name for _, name in sources],
             constants,
-            self._call_args if local is None else self._device_call_args(local),
+            self._call_args if self._local_call_args is None else self._local_call_args,
             METADATA_CHECKS,
             outputs,
         )

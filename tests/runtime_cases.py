@@ -271,3 +271,34 @@ def compare(
         if err > 0:
             bad[key] = err
     return bad
+
+
+def canonical_names(model: nn.Module) -> dict[str, str]:
+    """State key → the key the runtime reports it under (the first name of a tied group)."""
+    first: dict[int, str] = {}
+    return {
+        name: first.setdefault(id(p), name)
+        for name, p in model.named_parameters(remove_duplicate=False)
+    }
+
+
+def microbatch_values(graph, stage_slice, case: Case, mb: int, rows: int) -> dict[str, Any]:
+    """The values stage ``stage_slice`` reads from outside in micro-batch ``mb`` of ``rows``
+    sequences: the rows of the case's first batch (inputs and targets), and seeded random
+    received activations that need a gradient (the same on every rank)."""
+    inputs, targets = case.batches[0]
+    window = slice(mb * rows, (mb + 1) * rows)
+    user = dict(zip(graph.model_inputs, [t[window] for t in inputs], strict=True))
+    user.update(zip(graph.target_inputs, [targets[window]], strict=True))
+    generator = torch.Generator().manual_seed(10 + mb)
+    values: dict[str, Any] = {}
+    for name in stage_slice.received:
+        meta = graph.value_meta(name)
+        values[name] = torch.randn(meta.shape, generator=generator).requires_grad_()
+    values.update({n: user[n] for n in stage_slice.user_inputs})
+    return values
+
+
+def largest_gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Largest elementwise |a_i − b_i| over two equally long lists of tensors (0 when empty)."""
+    return max((float((x - y).abs().max()) for x, y in zip(a, b, strict=True)), default=0.0)

@@ -45,6 +45,7 @@ from tests.runtime_cases import (
     adamw,
     build_case,
     built_worker,
+    canonical_names,
     local_ray,
     plan_for,
     reference_run,
@@ -174,20 +175,11 @@ def test_one_device_bf16_stage_trains_like_one_bf16_process(one_process, referen
     (bf16_losses, bf16_state), (fp32_losses, _) = references
     assert all(plain)
     _check_losses([sum(mb) / len(mb) for mb in losses], bf16_losses, fp32_losses)
-    canonical = _canonical(build_case("gpt", 1).model)
+    canonical = canonical_names(build_case("gpt", 1).model)
     full = {k: state[canonical.get(k, k)] for k in bf16_state}
     assert {str(v.dtype) for v in full.values()} == {FP32}
     assert _far(full, bf16_state) == {}
     assert dtypes[0]["parameters"] == [FP32] and dtypes[0]["gradients"] == [FP32]
-
-
-def _canonical(model: nn.Module) -> dict[str, str]:
-    """State key → the key the runtime reports it under (the first name of a tied group)."""
-    first: dict[int, str] = {}
-    return {
-        name: first.setdefault(id(p), name)
-        for name, p in model.named_parameters(remove_duplicate=False)
-    }
 
 
 # ----------------------------------------------------------------------- no processes

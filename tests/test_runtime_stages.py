@@ -16,6 +16,7 @@ from tests.distributed import DistributedWorkers
 from tests.runtime_cases import (
     build_case,
     built_worker,
+    canonical_names,
     compare,
     megatron,
     plan_for,
@@ -82,14 +83,6 @@ def test_pipeline_workers_train_like_one_process(workers, name, tp, pp, dp, sche
         state.update(shard)
     reference = reference_run(build_case(name, STEPS, meta=meta), sgd)
     keys = reference[1].keys()
-    canonical = _canonical(build_case(name, 1, meta=True).model)
+    canonical = canonical_names(build_case(name, 1, meta=True).model)
     full = {k: state[canonical.get(k, k)] for k in keys}
     assert compare(step_losses, full, reference) == {}
-
-
-def _canonical(model) -> dict[str, str]:
-    first: dict[int, str] = {}
-    names = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names[name] = first.setdefault(id(p), name)
-    return names

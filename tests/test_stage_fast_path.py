@@ -27,7 +27,17 @@ from intra_op.placement import replicated
 from runtime import boundary
 from runtime.stage_graph import slice_stages
 from tests.distributed import DistributedWorkers
-from tests.runtime_cases import adamw, build_case, built_worker, compare, plan_for, reference_run
+from tests.runtime_cases import (
+    adamw,
+    build_case,
+    built_worker,
+    canonical_names,
+    compare,
+    largest_gap,
+    microbatch_values,
+    plan_for,
+    reference_run,
+)
 
 WORLD = 2
 STEPS = 2
@@ -61,22 +71,6 @@ def _stage_programs(name: str, stage_index: int, plain: bool | None):
     return program, stage_slice, graph, case
 
 
-def _microbatch_values(graph, stage_slice, case, mb: int) -> dict[str, torch.Tensor]:
-    """Outside values of micro-batch ``mb``: the batch's inputs/targets, random received
-    activations (requiring grad)."""
-    inputs, targets = case.batches[0]
-    rows = slice(mb * MICRO_BATCH, (mb + 1) * MICRO_BATCH)
-    user = dict(zip(graph.model_inputs, [t[rows] for t in inputs], strict=True))
-    user.update(zip(graph.target_inputs, [targets[rows]], strict=True))
-    generator = torch.Generator().manual_seed(10 + mb)
-    values: dict[str, torch.Tensor] = {}
-    for name in stage_slice.received:
-        meta = graph.value_meta(name)
-        values[name] = torch.randn(meta.shape, generator=generator).requires_grad_()
-    values.update({n: user[n] for n in stage_slice.user_inputs})
-    return values
-
-
 def run_both_paths(name: str, stage_index: int) -> dict[str, float]:
     """Largest |plain - DTensor| over outputs, received gradients and parameter gradients of
     two micro-batches in one step; also which path each program ran."""
@@ -87,7 +81,7 @@ def run_both_paths(name: str, stage_index: int) -> dict[str, float]:
         program.open_step()
         outputs, received_grads = [], []
         for mb in range(2):
-            values = _microbatch_values(graph, stage_slice, case, mb)
+            values = microbatch_values(graph, stage_slice, case, mb, MICRO_BATCH)
             # received values enter as StageProgram passes them (a DTensor the grad reaches)
             entering = {
                 n: boundary.entering(v, program.device_mesh) if n in stage_slice.received else v
@@ -105,17 +99,16 @@ def run_both_paths(name: str, stage_index: int) -> dict[str, float]:
         results[plain] = (program.runs_plain, outputs, received_grads, grads)
     plain_run, dtensor_run = results[None], results[False]
 
-    def gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-        return max((float((x - y).abs().max()) for x, y in zip(a, b, strict=True)), default=0.0)
-
     assert plain_run[3].keys() == dtensor_run[3].keys()
     keys = sorted(plain_run[3])
     return {
         "plain_ran_plain": float(plain_run[0]),
         "dtensor_ran_plain": float(dtensor_run[0]),
-        "outputs": gap(plain_run[1], dtensor_run[1]),
-        "received_grads": gap(plain_run[2], dtensor_run[2]),
-        "param_grads": gap([plain_run[3][k] for k in keys], [dtensor_run[3][k] for k in keys]),
+        "outputs": largest_gap(plain_run[1], dtensor_run[1]),
+        "received_grads": largest_gap(plain_run[2], dtensor_run[2]),
+        "param_grads": largest_gap(
+            [plain_run[3][k] for k in keys], [dtensor_run[3][k] for k in keys]
+        ),
         "num_param_grads": float(len(keys)),
     }
 
@@ -125,7 +118,7 @@ def grads_without_step(name: str) -> float:
     grads = []
     for plain in (None, False):
         program, stage_slice, graph, case = _stage_programs(name, 1, plain)
-        values = _microbatch_values(graph, stage_slice, case, 0)
+        values = microbatch_values(graph, stage_slice, case, 0, MICRO_BATCH)
         (loss_name,) = stage_slice.outputs
         entering = {
             n: boundary.entering(v, program.device_mesh) if n in stage_slice.received else v
@@ -180,15 +173,6 @@ def test_one_device_stages_train_like_one_process(workers, name):
     for _, shard, _ in results:
         state.update(shard)
     reference = reference_run(build_case(name, STEPS), adamw)
-    canonical = _canonical(build_case(name, 1).model)
+    canonical = canonical_names(build_case(name, 1).model)
     full = {k: state[canonical.get(k, k)] for k in reference[1]}
     assert compare(step_losses, full, reference) == {}
-
-
-def _canonical(model) -> dict[str, str]:
-    """State key → the key the runtime reports it under (the first name of a tied group)."""
-    first: dict[int, str] = {}
-    return {
-        name: first.setdefault(id(p), name)
-        for name, p in model.named_parameters(remove_duplicate=False)
-    }

@@ -33,7 +33,17 @@ from runtime import boundary
 from runtime.stage_graph import slice_stages
 from runtime.stage_program import batch_placements
 from tests.distributed import DistributedWorkers
-from tests.runtime_cases import adamw, build_case, built_worker, compare, plan_for, reference_run
+from tests.runtime_cases import (
+    adamw,
+    build_case,
+    built_worker,
+    canonical_names,
+    compare,
+    largest_gap,
+    microbatch_values,
+    plan_for,
+    reference_run,
+)
 
 WORLD = 2
 STEPS = 2
@@ -97,22 +107,6 @@ def _stage_program(name: str, stage_index: int, plain, *, shard: str = "", local
     return program, stage_slice, graph, case
 
 
-def _microbatch_values(graph, stage_slice, case, mb: int) -> dict[str, torch.Tensor]:
-    """Outside values of micro-batch ``mb``: the batch's rows, random received activations
-    (requiring grad), the same on both ranks."""
-    inputs, targets = case.batches[0]
-    rows = slice(mb * MICRO_BATCH, (mb + 1) * MICRO_BATCH)
-    user = dict(zip(graph.model_inputs, [t[rows] for t in inputs], strict=True))
-    user.update(zip(graph.target_inputs, [targets[rows]], strict=True))
-    generator = torch.Generator().manual_seed(10 + mb)
-    values: dict[str, torch.Tensor] = {}
-    for name in stage_slice.received:
-        meta = graph.value_meta(name)
-        values[name] = torch.randn(meta.shape, generator=generator).requires_grad_()
-    values.update({n: user[n] for n in stage_slice.user_inputs})
-    return values
-
-
 def run_both_paths(name: str, stage_index: int) -> dict[str, float]:
     """Largest |local - DTensor| over outputs, received gradients and parameter gradients of
     two micro-batches in one step; also which path each program ran."""
@@ -125,7 +119,7 @@ def run_both_paths(name: str, stage_index: int) -> dict[str, float]:
         program.open_step()
         outputs, received_grads = [], []
         for mb in range(2):
-            values = _microbatch_values(graph, stage_slice, case, mb)
+            values = microbatch_values(graph, stage_slice, case, mb, MICRO_BATCH)
             entering = {
                 n: boundary.entering(v, program.device_mesh) if n in stage_slice.received else v
                 for n, v in values.items()
@@ -142,17 +136,16 @@ def run_both_paths(name: str, stage_index: int) -> dict[str, float]:
         results[plain] = (program.runs_local, outputs, received_grads, grads)
     local_run, dtensor_run = results[None], results[False]
 
-    def gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-        return max((float((x - y).abs().max()) for x, y in zip(a, b, strict=True)), default=0.0)
-
     keys = sorted(local_run[3])
     assert keys == sorted(dtensor_run[3])
     return {
         "local_ran_local": float(local_run[0]),
         "dtensor_ran_local": float(dtensor_run[0]),
-        "outputs": gap(local_run[1], dtensor_run[1]),
-        "received_grads": gap(local_run[2], dtensor_run[2]),
-        "param_grads": gap([local_run[3][k] for k in keys], [dtensor_run[3][k] for k in keys]),
+        "outputs": largest_gap(local_run[1], dtensor_run[1]),
+        "received_grads": largest_gap(local_run[2], dtensor_run[2]),
+        "param_grads": largest_gap(
+            [local_run[3][k] for k in keys], [dtensor_run[3][k] for k in keys]
+        ),
         "num_param_grads": float(len(keys)),
         "num_received": float(len(local_run[2])),
     }
@@ -237,17 +230,8 @@ def test_data_parallel_stage_trains_like_one_process(workers, name):
     state: dict = {}
     for _, shard, _ in results:
         state.update(shard)
-    full = {k: state[_canonical(build_case(name, 1).model).get(k, k)] for k in reference[1]}
+    full = {k: state[canonical_names(build_case(name, 1).model).get(k, k)] for k in reference[1]}
     assert compare(step_losses, full, reference) == {}
-
-
-def _canonical(model) -> dict[str, str]:
-    """State key → the key the runtime reports it under (the first name of a tied group)."""
-    first: dict[int, str] = {}
-    return {
-        name: first.setdefault(id(p), name)
-        for name, p in model.named_parameters(remove_duplicate=False)
-    }
 
 
 def test_collectives_in_the_forward_keep_a_stage_on_dtensors():
