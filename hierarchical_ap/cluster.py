@@ -38,6 +38,7 @@ from hierarchical_ap.hardware import (
     CPU_CORE_MEMORY_BANDWIDTH,
     CPU_CORE_PEAK_FLOPS,
     CPU_DEVICE_NAME,
+    CPU_DTENSOR_DISPATCH_S,
     CPU_INTER_HOST_BANDWIDTH,
     CPU_KERNEL_OVERHEAD_S,
     DATASHEET_FP32_TFLOPS,
@@ -57,6 +58,7 @@ __all__ = [
     "CPU_CORE_MEMORY_BANDWIDTH",
     "CPU_CORE_PEAK_FLOPS",
     "CPU_DEVICE_NAME",
+    "CPU_DTENSOR_DISPATCH_S",
     "CPU_INTER_HOST_BANDWIDTH",
     "CPU_KERNEL_OVERHEAD_S",
     "DATASHEET_FP32_TFLOPS",
@@ -201,7 +203,16 @@ class DeviceSpec:
     propagation and wrapping, on the host), on top of `kernel_overhead_s`: a stage on several
     devices that does not run as plain data parallelism (`intra_op.local_execution`) pays it
     per op, forward and backward. 0 (the default, and the GPU presets, whose host work
-    overlaps the kernels queued) leaves it out; `hap cluster probe` measures it on CPU workers.
+    overlaps the kernels queued) leaves it out; CPU workers (`DeviceSpec.cpu`) default to
+    `CPU_DTENSOR_DISPATCH_S` and `hap cluster probe` measures it on them.
+
+    `compute_scale` multiplies every op time the cost model derives from the fields above
+    (`CostModel.op_time`): the measured over the modelled time of a reference transformer
+    block's forward and backward on this device with every worker busy, which `hap cluster
+    probe` measures on CPU workers (`probe.REFERENCE_BLOCK`), where the micro-benchmarks'
+    rates miss what a real block's mix of small GEMMs, normalisations and activations loses to
+    the neighbours sharing the host's caches and memory. 1 (the default, and the GPU presets)
+    leaves the times as modelled.
     """
 
     name: str
@@ -214,6 +225,7 @@ class DeviceSpec:
     cache_bandwidth: float = 0.0
     cache_bytes: int = 0
     dtensor_dispatch_s: float = 0.0
+    compute_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -231,6 +243,7 @@ class DeviceSpec:
         _check_positive(
             "DeviceSpec", "dtensor_dispatch_s", self.dtensor_dispatch_s, "s", allow_zero=True
         )
+        _check_positive("DeviceSpec", "compute_scale", self.compute_scale, "a ratio")
         if not isinstance(self.cache_bytes, int) or isinstance(self.cache_bytes, bool):
             raise _invalid(f"DeviceSpec.cache_bytes must be an integer, got {self.cache_bytes!r}")
         _check_positive("DeviceSpec", "cache_bytes", self.cache_bytes, "bytes", allow_zero=True)
@@ -285,8 +298,9 @@ class DeviceSpec:
         `CPU_CORE_PEAK_FLOPS` × cores / workers (fp32; bf16/fp16 run no faster on CPUs without
         AMX), memory bandwidth = `CPU_CORE_MEMORY_BANDWIDTH` × cores / workers. Dispatching a
         kernel runs on one thread, so its cost only grows when workers outnumber cores:
-        `CPU_KERNEL_OVERHEAD_S` × max(1, workers / cores). Host RAM and cores default to this
-        machine's; `hap cluster probe` measures all three rates instead.
+        `CPU_KERNEL_OVERHEAD_S` × max(1, workers / cores), and DTensor's dispatch per op likewise
+        `CPU_DTENSOR_DISPATCH_S` × max(1, workers / cores). Host RAM and cores default to this
+        machine's; `hap cluster probe` measures all of these instead.
         """
         _check_count("DeviceSpec.cpu", "workers", workers)
         memory = host_memory_bytes if host_memory_bytes is not None else _host_memory_bytes()
@@ -300,6 +314,7 @@ class DeviceSpec:
             peak_flops_fp16=flops,
             hbm_bandwidth=CPU_CORE_MEMORY_BANDWIDTH * cores / workers,
             kernel_overhead_s=CPU_KERNEL_OVERHEAD_S * max(1.0, workers / cores),
+            dtensor_dispatch_s=CPU_DTENSOR_DISPATCH_S * max(1.0, workers / cores),
         )
 
 
@@ -553,7 +568,7 @@ class Cluster:
           `peak_tflops_{fp32,bf16,fp16}`, `hbm_bandwidth` | `hbm_gb_s`, and optionally
           `kernel_overhead_s` | `kernel_overhead_us`, `cache_bandwidth` | `cache_gb_s`,
           `cache_bytes` | `cache_mib` and `dtensor_dispatch_s` | `dtensor_dispatch_us` (all
-          default 0), overriding the named preset
+          default 0) and `compute_scale` (default 1), overriding the named preset
           or the spec's device (all but the optional fields needed for a custom device without
           either);
         - `intra_host_link`, `inter_host_link`: `bandwidth` (bytes/s) | `bandwidth_gb_s`

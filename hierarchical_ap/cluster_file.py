@@ -140,6 +140,7 @@ _DEVICE_UNITS = {
         "dtensor_dispatch_s": Fraction(1),
         "dtensor_dispatch_us": Fraction(1, 10**6),
     },
+    "compute_scale": {"compute_scale": Fraction(1)},
 }
 _LINK_UNITS = {
     "bandwidth": {

@@ -3,10 +3,12 @@
 Compute (roofline plus dispatch): an op that does `F` FLOPs, moves `M` bytes through device
 memory and dispatches `K` kernels takes
 
-    t = K · kernel_overhead_s + max(F / (peak(dtype) · matmul_efficiency),
-                                    M / (bw(M / K) · memory_efficiency)),
+    t = s · (K · kernel_overhead_s + max(F / (peak(dtype) · matmul_efficiency),
+                                         M / (bw(M / K) · memory_efficiency))),
 
-where `kernel_overhead_s` is the device's fixed host-side cost per kernel (`DeviceSpec`; 0 for
+where s is the device's `compute_scale` (1 but on probed CPU workers: the measured over the
+modelled time of a reference transformer block there, `hierarchical_ap.probe`),
+`kernel_overhead_s` is the device's fixed host-side cost per kernel (`DeviceSpec`; 0 for
 the GPU presets, measured by `hap cluster probe` on CPU workers, where eager dispatch and
 autograd run on the core that does the maths) and bw(w) is the bandwidth of a kernel whose
 working set is w bytes, the op's bytes shared evenly among its kernels (M when K = 0):
@@ -22,7 +24,7 @@ device, g_w bytes of gradient per device):
     gradient accumulation, per micro-batch   (B−1)/B · Σ_w (kernel_overhead_s + 3·g_w / bw(3·g_w))
     optimizer step, once per step             Σ_w (k·kernel_overhead_s + β·n_w / bw(β·n_w / k))
 
-(each bw times memory_efficiency): from the second of B micro-batches on, autograd
+(each bw times memory_efficiency, each term times s): from the second of B micro-batches on, autograd
 adds each new gradient into the accumulated one (one kernel reading two buffers and writing
 one; 0 with `fused_gradient_accumulation`, as in Megatron-LM, whose weight-gradient GEMM adds
 into the fp32 gradient buffer itself), and the optimizer's step dispatches k kernels moving β
@@ -189,9 +191,10 @@ class CostModel:
         dtype: torch.dtype,
         kernels: int = 0,
     ) -> float:
-        """Time (s): kernels·kernel_overhead_s + max(flops / (peak(dtype)·matmul_efficiency),
-        bytes_accessed / (bw·memory_efficiency)), bw the device's bandwidth for a kernel
-        touching bytes_accessed / max(kernels, 1) bytes (`DeviceSpec.memory_bandwidth`)."""
+        """Time (s): compute_scale · (kernels·kernel_overhead_s + max(flops /
+        (peak(dtype)·matmul_efficiency), bytes_accessed / (bw·memory_efficiency))), bw the
+        device's bandwidth for a kernel touching bytes_accessed / max(kernels, 1) bytes
+        (`DeviceSpec.memory_bandwidth`)."""
         if flops < 0 or bytes_accessed < 0 or kernels < 0:
             raise ValueError(
                 f"flops, bytes and kernels must be >= 0, got {flops!r}, {bytes_accessed!r} and "
@@ -200,7 +203,7 @@ class CostModel:
         compute = flops / (device.peak_flops(dtype) * self.matmul_efficiency)
         bandwidth = device.memory_bandwidth(bytes_accessed / max(kernels, 1))
         memory = bytes_accessed / (bandwidth * self.memory_efficiency)
-        return kernels * device.kernel_overhead_s + max(compute, memory)
+        return device.compute_scale * (kernels * device.kernel_overhead_s + max(compute, memory))
 
     def gradient_accumulation_time(
         self, gradient_bytes: Sequence[float], device: DeviceSpec, num_microbatches: int
@@ -253,6 +256,20 @@ class CostModel:
     def all_reduce_time(self, nbytes: float, axes: MeshAxis | Sequence[MeshAxis]) -> float:
         """All-reduce of an `nbytes` buffer: 2(n−1)·α + 2(n−1)/n · nbytes·β on one link."""
         return self.collective_time(Collective.ALL_REDUCE, nbytes, axes)
+
+    def bucketed_all_reduce_time(
+        self, nbytes: float, axes: MeshAxis | Sequence[MeshAxis], bucket_bytes: float
+    ) -> float:
+        """One tensor's share of all-reducing a flat bucket of `bucket_bytes` (DDP's gradient
+        buckets): the all-reduce time is affine in the bytes, T(B) = T(0) + (T(B) − T(0)), and
+        the bucket's latency T(0) is shared by its tensors in proportion to their bytes:
+
+            t = min(1, nbytes / bucket_bytes) · T(0) + T(nbytes) − T(0)."""
+        if bucket_bytes <= 0:
+            raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes!r}")
+        latency = self.all_reduce_time(0.0, axes)
+        share = min(1.0, nbytes / bucket_bytes)
+        return share * latency + self.all_reduce_time(nbytes, axes) - latency
 
     def all_gather_time(self, nbytes: float, axes: MeshAxis | Sequence[MeshAxis]) -> float:
         """All-gather whose gathered output is `nbytes`: (n−1)·α + (n−1)/n · nbytes·β."""

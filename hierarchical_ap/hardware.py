@@ -39,6 +39,10 @@ CPU_CORE_MEMORY_BANDWIDTH = 1e10
 #: multiplies on a 16-element tensor, forward and backward, takes ~11 µs per dispatched kernel
 #: (torch 2.13, one thread, the development VM; `hap cluster probe` measures it per cluster).
 CPU_KERNEL_OVERHEAD_S = 1.1e-5
+#: What DTensor adds to each op it dispatches on one core (sharding propagation and wrapping):
+#: `hap cluster probe --workers 2` on the 2-core development VM measured 48.6 and 57.0 µs per
+#: op on top of the plain kernel (torch 2.13; 86.9 µs with four workers on the two cores).
+CPU_DTENSOR_DISPATCH_S = 5e-5
 
 #: Datasheet single-precision peaks (non-tensor-core FP32) in TFLOP/s; hardware.csv lists the
 #: dense bf16/fp16 tensor-core peaks only. H100 is the SXM part.

@@ -14,11 +14,12 @@ alike), clipped to positive values. The link then carries α = a / ring_steps(c,
 step) and β = b (seconds per byte), which `CostModel` reads back as
 `ring_steps·α + ring_traffic·bytes·β`, i.e. exactly the fitted line at n workers.
 
-For CPU workers three rates of the device are measured the same way, on all workers at once (as
-in training, where they share the host's cores): each repetition starts after a barrier, runs a
-fixed amount of work on every worker, and its time is the slowest worker's, so the whole window
-is under full contention (a worker that finished early would otherwise let the others run
-faster than they do in training); the median repetition gives
+For CPU workers the device's rates are measured on all workers at once (as in training,
+where they share the host's cores): each window starts after a barrier, runs a fixed amount
+of work on every worker, and its time is the slowest worker's, so the whole window is under
+full contention (a worker that finished early would otherwise let the others run faster than
+they do in training). A repetition runs one window of each kind below in turn, so that a slow
+spell of a shared machine falls on all of them alike; the median over repetitions gives
 
 * the peak FLOP/s: `GEMMS_PER_REP` 1024³ fp32 GEMMs;
 * the memory bandwidth: `STREAM_PER_REP` out-of-place adds of two 16 MiB fp32 vectors (read
@@ -31,7 +32,31 @@ faster than they do in training); the median repetition gives
   the maths to count), divided by the aten kernels it dispatches
   (`hierarchical_ap.profile.KernelCounter`, the same count the profiler gives each node);
 * DTensor's dispatch: the same chain on a DTensor replicated over every worker (no
-  collective runs), its extra time over the plain chain per kernel (`dtensor_dispatch_s`).
+  collective runs), its extra time over the plain chain per kernel (`dtensor_dispatch_s`);
+* the compute scale: `BLOCKS_PER_REP` forwards and backwards of `REFERENCE_BLOCK`, a zoo GPT
+  block on `REFERENCE_TOKENS`, gradients by `torch.autograd.grad` (none accumulated). Each
+  rate above is one kernel run over and over on its own; a real block mixes GEMMs of a
+  hundred rows, normalisations, attention and activations whose caches and memory the busy
+  neighbours share, and on the 2-core development VM it ran 1.2–1.5× slower beside them than
+  the rates predict (alone, within 10 %). The device's `compute_scale` is
+
+      s = t_block (measured) / Σ_nodes (t_fwd + t_bwd) (the cost model, with the rates above),
+
+  its median over repetitions of the ratio within each, which `CostModel.op_time` then
+  applies to every op: the cost model prices the reference block at its measured time.
+
+With more workers than cores every rate is measured twice: with all workers busy (the
+device's rates: workers taking turns on a core get their share of it) and with one busy worker
+per core, the rest idle at the barriers (`min(workers, cores)`), which is what the scale is
+measured under, block and rates alike. The scale so stands for the mix's loss to neighbours
+on other cores, not for the turns taken on one (with four workers on two cores a block took
+1.66× the all-busy rates' prediction, every switch between two processes on a core cooling
+its caches). Even so the all-busy rates can err high for a pipeline, whose workers wait for
+their peers and so take fewer turns than all of them busy at once: on the 2-core development
+VM the 4-stage benchmark's step was predicted 420, 286 and 376 ms against 333, 305 and 317
+measured (with the all-busy scale, 418 against 310; with none, 254 against 306). On two workers, one per core, the 2-stage
+step measured 7 % and 16 % above its prediction in two runs (37–59 % without the scale),
+and 54 % in a third, whose probe read this shared machine faster than its training ran.
 """
 
 from __future__ import annotations
@@ -45,17 +70,22 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import cache
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, distribute_tensor
 
-from hierarchical_ap.cluster import CPU_DEVICE_NAME, AlphaBeta, Cluster, Collective
+from hierarchical_ap.cluster import CPU_DEVICE_NAME, AlphaBeta, Cluster, Collective, DeviceSpec
 from hierarchical_ap.cluster_ray import WORKER_RUNTIME_ENV
-from hierarchical_ap.cost_model import ring_steps, ring_traffic
+from hierarchical_ap.cost_model import CostModel, ring_steps, ring_traffic
 from hierarchical_ap.errors import ClusterSpecError
+from hierarchical_ap.graph import OpGraph, capture
+from hierarchical_ap.models.config import ModelConfig
+from hierarchical_ap.models.gpt import GPTBlock
 from hierarchical_ap.profile import KernelCounter
 
 logger = logging.getLogger(__name__)
@@ -85,6 +115,21 @@ CACHE_WORKING_SET = 3 * CACHE_STREAM_NUMEL * _ELEMENT_BYTES
 #: Scalar multiplies in the kernel-overhead chain, and chains (forward + backward) per window.
 CHAIN_LENGTH = 200
 CHAIN_PER_REP = 10
+#: The compute scale's reference workload: one block of the zoo GPT at the demo's width, on
+#: (batch, sequence) = 2 × 64 tokens, fp32; and forwards + backwards per window.
+REFERENCE_BLOCK = ModelConfig(
+    family="gpt",
+    layers=1,
+    hidden=256,
+    heads=4,
+    kv_heads=4,
+    ffn_hidden=1024,
+    vocab=1024,
+    seq=64,
+    tied_head=False,
+)
+REFERENCE_TOKENS = (2, 64)
+BLOCKS_PER_REP = 4
 #: Floors of the fitted alpha (s) and beta (s/byte) so both stay positive.
 MIN_ALPHA = 1e-9
 MIN_BETA = 1e-15
@@ -113,6 +158,8 @@ class DeviceRates:
     """Bytes/s an elementwise kernel streams when its working set is `CACHE_WORKING_SET`."""
     dtensor_dispatch_s: float
     """Seconds DTensor adds to each kernel it dispatches (comm-free, replicated)."""
+    reference_block_s: float
+    """Seconds of one forward and backward of `REFERENCE_BLOCK`."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +170,9 @@ class ProbeResult:
     cluster: Cluster
     samples: tuple[Sample, ...]
     rates: DeviceRates | None
+    per_core_rates: DeviceRates | None = None
+    """The same rates with one busy worker per core, which the compute scale comes from (the
+    same as `rates` when the host has a core for every worker)."""
 
     @property
     def fits(self) -> dict[Collective, AlphaBeta]:
@@ -163,8 +213,10 @@ def probe(
     """Probe `num_workers` workers of this host ("CPU" workers on gloo, or GPUs of the preset
     `device` on NCCL, one per worker) and return a 1-host cluster whose intra-host link carries
     the fitted alpha/beta per collective and whose bandwidth and latency are the send/recv fit.
-    For CPU workers the device's peak FLOP/s, memory bandwidth and kernel overhead become the
-    measured rates (`DeviceRates`), with a cache tier of `CACHE_WORKING_SET` bytes.
+    For CPU workers the device's peak FLOP/s, memory bandwidth, kernel overhead and DTensor's
+    dispatch become the measured rates (`DeviceRates`), with a cache tier of
+    `CACHE_WORKING_SET` bytes, and its `compute_scale` the reference block's measured over its
+    modelled time (module docstring).
 
     Uses the running Ray instance, or starts a local one and shuts it down afterwards; every
     actor is killed on the way out, and no step (joining, a collective, a Ray call) waits longer
@@ -200,13 +252,17 @@ def probe(
             for size in sizes:
                 report(f"{collective.value} {_human(size)}")
                 samples.append(_measure(workers, collective, size, reps, timeout_s))
-        rates = None
+        rates = per_core = scale = None
         if base.device.is_cpu:
             report("GEMM, memory and cache bandwidth, kernel overhead")
-            measured = ray.get([w.device_rates.remote(reps) for w in workers], timeout=timeout_s)
-            rates = DeviceRates(
-                *(statistics.median(column) for column in zip(*measured, strict=True))
-            )
+            all_busy = _device_rates(workers, reps, len(workers), timeout_s)
+            per_core_reps = all_busy
+            busy = min(len(workers), _host_cores())
+            if busy < len(workers):
+                report(f"the same with {busy} workers busy, one per core")
+                per_core_reps = _device_rates(workers, reps, busy, timeout_s)
+            rates, per_core = median_rates(all_busy), median_rates(per_core_reps)
+            scale = compute_scale(base.device, per_core_reps)
     except ray.exceptions.GetTimeoutError as exc:
         raise ClusterSpecError(
             f"probing {num_workers} workers did not finish within {timeout_s:g} s; check that Ray "
@@ -217,10 +273,63 @@ def probe(
             ray.kill(worker, no_restart=True)
         if started_ray:
             ray.shutdown()
-    return ProbeResult(_probed_cluster(base, samples, rates), tuple(samples), rates)
+    cluster = _probed_cluster(base, samples, rates, scale)
+    return ProbeResult(cluster, tuple(samples), rates, per_core)
 
 
-def _probed_cluster(base: Cluster, samples: Sequence[Sample], rates: DeviceRates | None) -> Cluster:
+def _device_rates(workers: list, reps: int, busy: int, timeout_s: float) -> list[DeviceRates]:
+    """`DeviceRates` of each repetition with the first `busy` workers running each window (the
+    rest idle at its barriers); every worker reports the slowest busy worker's windows."""
+    import ray
+
+    calls = [w.device_rates.remote(reps, rank < busy) for rank, w in enumerate(workers)]
+    first, *_ = ray.get(calls, timeout=timeout_s)
+    return [DeviceRates(*fields) for fields in first]
+
+
+def median_rates(reps: Sequence[DeviceRates]) -> DeviceRates:
+    """Each field's median over the repetitions."""
+    columns = zip(*(dataclasses.astuple(r) for r in reps), strict=True)
+    return DeviceRates(*(statistics.median(column) for column in columns))
+
+
+def _host_cores() -> int:
+    """CPU cores this process (and so the host's workers) may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def rated_device(device: DeviceSpec, rates: DeviceRates) -> DeviceSpec:
+    """`device` with the probed rates (module docstring), its `compute_scale` left as is."""
+    return dataclasses.replace(
+        device,
+        peak_flops_fp32=rates.gemm_flops,
+        peak_flops_bf16=rates.gemm_flops,
+        peak_flops_fp16=rates.gemm_flops,
+        hbm_bandwidth=rates.memory_bandwidth,
+        kernel_overhead_s=rates.kernel_overhead_s,
+        cache_bandwidth=rates.cache_bandwidth,
+        cache_bytes=CACHE_WORKING_SET,
+        dtensor_dispatch_s=rates.dtensor_dispatch_s,
+    )
+
+
+def compute_scale(device: DeviceSpec, per_core: Sequence[DeviceRates]) -> float:
+    """s = the median over repetitions r of t_block(r) / t_model(r): the reference block's
+    measured time over the cost model's with the rates of the same repetition, both with one
+    busy worker per core (`per_core`; module docstring)."""
+    return statistics.median(
+        r.reference_block_s / modelled_reference_block_s(rated_device(device, r)) for r in per_core
+    )
+
+
+def _probed_cluster(
+    base: Cluster,
+    samples: Sequence[Sample],
+    rates: DeviceRates | None,
+    scale: float | None,
+) -> Cluster:
     n = base.devices_per_host
     fits = {}
     for collective in Collective:
@@ -239,19 +348,38 @@ def _probed_cluster(base: Cluster, samples: Sequence[Sample], rates: DeviceRates
         base.intra_host_link, bandwidth=1.0 / p2p.beta, latency=p2p.alpha, fitted=fits
     )
     device = base.device
-    if rates is not None:
-        device = dataclasses.replace(
-            device,
-            peak_flops_fp32=rates.gemm_flops,
-            peak_flops_bf16=rates.gemm_flops,
-            peak_flops_fp16=rates.gemm_flops,
-            hbm_bandwidth=rates.memory_bandwidth,
-            kernel_overhead_s=rates.kernel_overhead_s,
-            cache_bandwidth=rates.cache_bandwidth,
-            cache_bytes=CACHE_WORKING_SET,
-            dtensor_dispatch_s=rates.dtensor_dispatch_s,
-        )
+    if rates is not None and scale is not None:
+        device = dataclasses.replace(rated_device(base.device, rates), compute_scale=scale)
     return dataclasses.replace(base, device=device, intra_host_link=link)
+
+
+def reference_block() -> nn.Module:
+    """The compute scale's reference workload, `REFERENCE_BLOCK` (module docstring)."""
+    return GPTBlock(REFERENCE_BLOCK)
+
+
+@cache
+def _reference_graph() -> OpGraph:
+    """The reference block captured on the meta device (once per process)."""
+    with torch.device("meta"):
+        block = reference_block()
+    hidden = torch.empty(*REFERENCE_TOKENS, REFERENCE_BLOCK.hidden, device="meta")
+    return capture(block, (hidden,))
+
+
+def modelled_reference_block_s(device: DeviceSpec) -> float:
+    """What the cost model prices one forward and backward of the reference block at on
+    `device`: Σ over its captured nodes of `op_time` forward + backward, as the planner prices
+    a one-device stage (`device.compute_scale` included)."""
+    graph = _reference_graph()
+    cost = CostModel(1.0, 1.0, 1.0, fused_gradient_accumulation=False)
+    total = 0.0
+    for node in graph.nodes.values():
+        p = node.profile
+        dtype = node.outputs[0].dtype if node.outputs else torch.float32
+        total += cost.op_time(p.forward_flops, p.forward_bytes, device, dtype, p.forward_kernels)
+        total += cost.op_time(p.backward_flops, p.backward_bytes, device, dtype, p.backward_kernels)
+    return total
 
 
 def _start_workers(cluster: Cluster, timeout_s: float) -> list:
@@ -333,6 +461,7 @@ class _Worker:
         self.port = port
         self.backend = backend
         self.timeout_s = timeout_s
+        self._busy = True
         # Ray gives each GPU actor one visible GPU, which is then cuda:0.
         self.device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
         if self.device.type == "cuda":
@@ -362,55 +491,87 @@ class _Worker:
             times.append(time.perf_counter() - start)
         return times
 
-    def device_rates(self, reps: int) -> tuple[float, float, float, float, float]:
+    def device_rates(
+        self, reps: int, busy: bool = True
+    ) -> list[tuple[float, float, float, float, float, float]]:
         """The `DeviceRates` fields (GEMM FLOP/s, memory bytes/s, seconds per kernel, cache
-        bytes/s, DTensor's seconds per kernel) with every worker busy: each the work of one
-        window over the median of `reps` windows (`_contended_seconds`)."""
+        bytes/s, DTensor's seconds per kernel, seconds per reference block) of each of `reps`
+        repetitions, each field the work of one window over the window's time
+        (`_window_seconds`). A repetition times every field once, so that a slow spell of a
+        shared machine falls on all its fields alike. An idle worker (`busy=False`) only joins
+        the windows' barriers and gets the busy workers' figures."""
+        self._busy = busy
         a = torch.randn(GEMM_SIZE, GEMM_SIZE, device=self.device)
         b = torch.randn(GEMM_SIZE, GEMM_SIZE, device=self.device)
-        gemm = self._contended_seconds(lambda: a @ b, GEMMS_PER_REP, reps)
         leaf = torch.ones(16, device=self.device, requires_grad=True)
         with KernelCounter() as counted:
             _scalar_chain(leaf)
-        chain = self._contended_seconds(lambda: _scalar_chain(leaf), CHAIN_PER_REP, reps)
+        per_kernel = CHAIN_PER_REP * counted.count
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         replicated = distribute_tensor(leaf.detach(), mesh, [Replicate()]).requires_grad_()
-        on_dtensor = self._contended_seconds(lambda: _scalar_chain(replicated), CHAIN_PER_REP, reps)
-        per_kernel = CHAIN_PER_REP * counted.count
-        return (
-            GEMMS_PER_REP * 2 * GEMM_SIZE**3 / gemm,
-            self._stream_bandwidth(STREAM_NUMEL, STREAM_PER_REP, reps),
-            chain / per_kernel,
-            self._stream_bandwidth(CACHE_STREAM_NUMEL, CACHE_STREAM_PER_REP, reps),
-            max(on_dtensor - chain, 0.0) / per_kernel,
-        )
+        stream = self._stream(STREAM_NUMEL)
+        cached = self._stream(CACHE_STREAM_NUMEL)
+        block = self._reference_block_step()
+        windows = {
+            "gemm": (lambda: a @ b, GEMMS_PER_REP),
+            "stream": (stream, STREAM_PER_REP),
+            "chain": (lambda: _scalar_chain(leaf), CHAIN_PER_REP),
+            "cached": (cached, CACHE_STREAM_PER_REP),
+            "dtensor": (lambda: _scalar_chain(replicated), CHAIN_PER_REP),
+            "block": (block, BLOCKS_PER_REP),
+        }
+        for run, _ in windows.values():  # warm-up
+            if busy:
+                run()
+        out = []
+        for _ in range(reps):
+            t = {name: self._window_seconds(run, times) for name, (run, times) in windows.items()}
+            out.append(
+                (
+                    GEMMS_PER_REP * 2 * GEMM_SIZE**3 / t["gemm"],
+                    STREAM_PER_REP * 3 * STREAM_NUMEL * _ELEMENT_BYTES / t["stream"],
+                    t["chain"] / per_kernel,
+                    CACHE_STREAM_PER_REP * 3 * CACHE_STREAM_NUMEL * _ELEMENT_BYTES / t["cached"],
+                    max(t["dtensor"] - t["chain"], 0.0) / per_kernel,
+                    t["block"] / BLOCKS_PER_REP,
+                )
+            )
+        return out
 
-    def _stream_bandwidth(self, numel: int, times: int, reps: int) -> float:
-        """Bytes/s of `times` out-of-place adds of two `numel`-element fp32 vectors (each add
-        reads two and writes one)."""
+    def _reference_block_step(self) -> Callable[[], None]:
+        """One forward and backward of the reference block (module docstring)."""
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            block = reference_block()
+            hidden = torch.randn(*REFERENCE_TOKENS, REFERENCE_BLOCK.hidden)
+            seed = torch.ones_like(hidden)
+        params = list(block.parameters())
+
+        def forward_backward() -> None:
+            torch.autograd.grad(block(hidden), params, seed)
+
+        return forward_backward
+
+    def _stream(self, numel: int) -> Callable[[], torch.Tensor]:
+        """An out-of-place add of two `numel`-element fp32 vectors (reads two, writes one)."""
         x, y = (torch.randn(numel, device=self.device) for _ in range(2))
         out = torch.empty_like(x)
-        seconds = self._contended_seconds(lambda: torch.add(x, y, out=out), times, reps)
-        return times * 3 * x.nbytes / seconds
+        return lambda: torch.add(x, y, out=out)
 
-    def _contended_seconds(self, run: Callable[[], object], times: int, reps: int) -> float:
-        """Median over `reps` windows of the slowest worker's time (an all-reduce MAX) to call
-        `run` `times` times, every window starting after a barrier (after one warm-up call)."""
-        run()
-        windows = []
-        for _ in range(reps):
-            dist.barrier()
-            self._sync()
-            start = time.perf_counter()
-            for _ in range(times):
-                run()
-            self._sync()
-            slowest = torch.tensor(
-                [time.perf_counter() - start], dtype=torch.float64, device=self.device
-            )
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            windows.append(slowest.item())
-        return statistics.median(windows)
+    def _window_seconds(self, run: Callable[[], object], times: int) -> float:
+        """The slowest worker's time (an all-reduce MAX) to call `run` `times` times, starting
+        after a barrier; an idle worker calls nothing."""
+        dist.barrier()
+        self._sync()
+        start = time.perf_counter()
+        for _ in range(times if self._busy else 0):
+            run()
+        self._sync()
+        slowest = torch.tensor(
+            [time.perf_counter() - start], dtype=torch.float64, device=self.device
+        )
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        return slowest.item()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -22,6 +22,12 @@ shards the storage and keeps ``g``'s placement on every axis that replicates it:
     every micro-batch   g → staged      (reduce-scatter into ZeRO shards, all-to-all)
     once per step       staged → w      (the data-parallel all-reduce, an all-gather)
 
+When the step's phase only sums a Partial gradient (P → R on every axis that changes), the
+runtime all-reduces it flattened into DDP-style buckets of ``BUCKET_BYTES``
+(``intra_op.gradient_sync``), axis by axis: the tensor pays the bandwidth of its own bytes
+and its share of each bucket's latency (``CostModel.bucketed_all_reduce_time``), not one
+all-reduce's latency of its own.
+
 The staged gradient is never larger per device than the stored one (on the axes left for the
 step, ``w`` is replicated, so ``g`` holds at most a full copy), so accumulating it costs no
 memory beyond the gradient storage the memory model already counts.
@@ -35,6 +41,7 @@ from itertools import permutations
 from hierarchical_ap.cluster import LogicalMesh
 from hierarchical_ap.cost_model import CostModel
 from hierarchical_ap.profile import TensorMeta
+from intra_op.gradient_sync import BUCKET_BYTES
 from intra_op.placement import REPLICATE, Partial, Placements, Replicate, Shard, shard_factor
 
 
@@ -63,7 +70,26 @@ def accumulated_gradient_times(
     staged = tuple(w if isinstance(w, Shard) else g for g, w in zip(grad, stored, strict=True))
     return (
         reshard_time(meta, grad, staged, mesh, cost),
-        reshard_time(meta, staged, stored, mesh, cost),
+        _step_sync_time(meta, staged, stored, mesh, cost),
+    )
+
+
+def _step_sync_time(
+    meta: TensorMeta, staged: Placements, stored: Placements, mesh: LogicalMesh, cost: CostModel
+) -> float:
+    """``staged → stored`` once per step: bucketed all-reduces when it only sums Partial
+    axes, each on the bytes a device holds (``stored``'s shards on the other axes), else
+    ``reshard_time`` (module docstring)."""
+    changing = [axis for axis in range(len(staged)) if staged[axis] != stored[axis]]
+    summed_only = all(
+        isinstance(staged[axis], Partial) and isinstance(stored[axis], Replicate)
+        for axis in changing
+    )
+    if not changing or not summed_only:
+        return reshard_time(meta, staged, stored, mesh, cost)
+    local = meta.nbytes / shard_factor(stored, tuple(mesh.shape))
+    return sum(
+        cost.bucketed_all_reduce_time(local, mesh.axes[axis], BUCKET_BYTES) for axis in changing
     )
 
 

@@ -677,9 +677,10 @@ def _layer_compute_seconds(
     graph: OpGraph, layers: Sequence[PlanningLayer], context: PlanningContext
 ) -> np.ndarray:
     """``[[forward], [backward]]`` seconds per layer of its FLOPs at the captured batch on one
-    device at the matmul rate (the roofline's compute term, a floor of every strategy)."""
+    device at the matmul rate, times the device's `compute_scale` (the roofline's compute term
+    as `CostModel.op_time` scales it, a floor of every strategy)."""
     device = context.cluster.device
-    rate = context.cost_model.matmul_efficiency
+    rate = context.cost_model.matmul_efficiency / device.compute_scale
     out = np.zeros((2, len(layers)))
     for index, layer in enumerate(layers):
         for part in layer.parts:

@@ -46,6 +46,7 @@ from stage_partitioner.stage_costs import (
     MEMORY_LEVELS,
     MeshChoice,
     PartSolver,
+    StageCostTable,
     StageOption,
     build_table,
     layer_prefix,
@@ -266,7 +267,8 @@ def _uniform_candidates(
         for v in _virtual_stage_counts(options, num_layers, pp, num_microbatches):
             chunks = pp * v
             ranges = equal_ranges(num_layers, chunks)
-            for q, option in enumerate(table.options):
+            for q in distinct_options(table):
+                option = table.options[q]
                 if option.mesh.submesh != submesh:
                     continue
                 screened = _screen(table, q, ranges, pp, v, num_microbatches, context.budget)
@@ -278,6 +280,29 @@ def _uniform_candidates(
                     scored.append((screened, candidate))
     scored.sort(key=lambda item: item[0])
     return [c for _, c in scored[: options.simulate_top]]
+
+
+def distinct_options(table: StageCostTable) -> list[int]:
+    """Indices of the table's options, each of a set whose options agree on the logical mesh,
+    the recomputation and every layer's time, gradient sync, state, activations and extra
+    peak once (the first): memory levels whose ILPs found the same shardings are one stage to
+    the simulator, and would otherwise fill the few simulated slots with copies."""
+    seen: set[tuple] = set()
+    kept = []
+    for q, option in enumerate(table.options):
+        columns = (
+            table.time,
+            table.gradient_sync,
+            table.state,
+            table.activation,
+            table.peak_extra,
+            *table.shared_state.values(),
+        )
+        key = (option.mesh, option.recompute, *(column[:, q].tobytes() for column in columns))
+        if key not in seen:
+            seen.add(key)
+            kept.append(q)
+    return kept
 
 
 def _virtual_stage_counts(

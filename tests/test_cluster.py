@@ -14,6 +14,7 @@ import torch
 
 from hierarchical_ap.cluster import (
     CPU_CORE_PEAK_FLOPS,
+    CPU_DTENSOR_DISPATCH_S,
     CPU_INTER_HOST_BANDWIDTH,
     CPU_KERNEL_OVERHEAD_S,
     ETHERNET_LATENCY_S,
@@ -117,6 +118,10 @@ def test_cpu_device_is_a_share_of_the_host():
     assert device.kernel_overhead_s == CPU_KERNEL_OVERHEAD_S * 2
     assert DeviceSpec.cpu(2, host_cores=8).kernel_overhead_s == CPU_KERNEL_OVERHEAD_S
     assert DeviceSpec.preset("A100-80GB").kernel_overhead_s == 0.0
+    # so does DTensor's dispatch per op, charged to CPU workers by default, not to GPU presets
+    assert device.dtensor_dispatch_s == CPU_DTENSOR_DISPATCH_S * 2
+    assert DeviceSpec.cpu(2, host_cores=8).dtensor_dispatch_s == CPU_DTENSOR_DISPATCH_S
+    assert DeviceSpec.preset("A100-80GB").dtensor_dispatch_s == 0.0
     # no cache tier unless measured (`hap cluster probe`) or given
     assert (device.cache_bandwidth, device.cache_bytes) == (0.0, 0)
     h100 = DeviceSpec.preset("H100-80GB")
@@ -316,6 +321,7 @@ def probed_cluster() -> Cluster:
         cache_bandwidth=9.3e9,
         cache_bytes=3 * 2**20,
         dtensor_dispatch_s=6.1e-5,
+        compute_scale=1.37,
     )
     return Cluster(1, 2, device, link, cluster.inter_host_link, "gloo")
 
@@ -354,7 +360,8 @@ def test_overrides_on_a_spec(tmp_path):
         "num_hosts: 4\n"
         "backend: gloo\n"
         "device: {memory_gib: 40, peak_tflops_bf16: 200, kernel_overhead_us: 12,\n"
-        "         cache_gb_s: 9.5, cache_mib: 1.5, dtensor_dispatch_us: 61}\n"
+        "         cache_gb_s: 9.5, cache_mib: 1.5, dtensor_dispatch_us: 61,\n"
+        "         compute_scale: 1.3}\n"
         "intra_host_link: {bandwidth_gb_s: 150, latency_us: 2}\n"
         "inter_host_link: {bandwidth: 25e9}\n"  # YAML reads 25e9 as a string
     )
@@ -366,6 +373,7 @@ def test_overrides_on_a_spec(tmp_path):
     assert (cluster.device.cache_bandwidth, cluster.device.cache_bytes) == (9.5e9, 3 * 2**19)
     assert cluster.device.dtensor_dispatch_s == 61e-6
     assert base.device.dtensor_dispatch_s == 0.0
+    assert (cluster.device.compute_scale, base.device.compute_scale) == (1.3, 1.0)
     assert cluster.device.peak_flops_fp32 == base.device.peak_flops_fp32
     assert cluster.intra_host_link == Link(150e9, 2e-6)
     assert cluster.inter_host_link == Link(25e9, INFINIBAND_LATENCY_S)
@@ -456,6 +464,11 @@ def test_fully_explicit_custom_device(tmp_path):
             "c.yaml",
             "spec: 2x8xA100-80GB\ndevice: {dtensor_dispatch_us: -3}\n",
             "DeviceSpec.dtensor_dispatch_s must be a finite number >= 0",
+        ),
+        (
+            "c.yaml",
+            "spec: 2x8xA100-80GB\ndevice: {compute_scale: 0}\n",
+            "DeviceSpec.compute_scale must be a finite number > 0",
         ),
         (
             "c.yaml",

@@ -133,6 +133,46 @@ def test_ring_steps_and_traffic():
     assert ring_steps(Collective.ALL_REDUCE, 1) == 0 and ring_traffic(Collective.SEND_RECV, 1) == 0
 
 
+def test_compute_scale_multiplies_every_op_time():
+    """s · (K·κ + max(F / peak, M / bw)) with the probed CPU workers' measured scale s."""
+    device = dataclasses.replace(a100x2.device, kernel_overhead_s=10e-6, compute_scale=1.25)
+    n = 8192
+    flops = 2 * n**3
+    assert model.op_time(flops, 0, device, torch.bfloat16, kernels=3) == approx(
+        1.25 * (3 * 10e-6 + flops / (312e12 * 0.6))
+    )
+    numel = 2**28
+    assert model.op_time(0, 3 * numel * 2, device, torch.bfloat16) == approx(
+        1.25 * 3 * numel * 2 / (2.039e12 * 0.8)
+    )
+    # gradient accumulation and the optimizer step are op times too
+    eager = dataclasses.replace(model, fused_gradient_accumulation=False)
+    assert eager.gradient_accumulation_time([MIB], device, 2) == approx(
+        0.5 * 1.25 * (10e-6 + 3 * MIB / (2.039e12 * 0.8))
+    )
+    with pytest.raises(ValueError, match="compute_scale must be a finite number > 0"):
+        dataclasses.replace(device, compute_scale=0.0)
+
+
+def test_bucketed_all_reduce_shares_the_bucket_latency_by_bytes():
+    """A tensor all-reduced in a 25 MiB bucket over 8 NVLink A100s pays its own bytes'
+    bandwidth, 2·7/8 · B / bw, and the bucket's latency 2·7·α in proportion to its bytes."""
+    axis = a100x2.logical_mesh((1, 8)).axes[1]
+    alpha, bw = NVLINK_A100
+    bucket = 25 * MIB
+    for nbytes in (MIB, 5 * MIB, 25 * MIB, 100 * MIB):
+        share = min(1.0, nbytes / bucket)
+        expected = share * 2 * 7 * alpha + 2 * 7 / 8 * nbytes / bw
+        assert model.bucketed_all_reduce_time(nbytes, axis, bucket) == approx(expected)
+    # a bucket's tensors together pay one all-reduce of the bucket
+    parts = (3 * MIB, 7 * MIB, 15 * MIB)
+    assert sum(model.bucketed_all_reduce_time(b, axis, bucket) for b in parts) == approx(
+        model.all_reduce_time(bucket, axis)
+    )
+    with pytest.raises(ValueError, match="bucket_bytes must be > 0"):
+        model.bucketed_all_reduce_time(MIB, axis, 0)
+
+
 def test_1gib_all_reduce_over_8_nvlink_a100():
     axis = a100x2.logical_mesh((1, 8)).axes[1]
     alpha, bw = NVLINK_A100

@@ -18,6 +18,7 @@ from hierarchical_ap.models import from_spec
 from hierarchical_ap.profile import TensorMeta
 from intra_op import solve_sharding
 from intra_op.cost_graph import TrainingMemory, build_cost_graph
+from intra_op.gradient_sync import BUCKET_BYTES
 from intra_op.ilp import solve
 from intra_op.placement import Partial, Replicate, Shard
 from intra_op.resharding import accumulated_gradient_times, reshard_time
@@ -30,6 +31,13 @@ COST = CostModel.for_cluster(CLUSTER)
 WEIGHT = TensorMeta((4096, 1024), (1024, 1), torch.float16)
 
 
+def bucketed(nbytes: float, axis) -> float:
+    """A gradient's share of a DDP bucket's all-reduce: its bytes' time T(B) less the latency
+    T(0) beyond its share min(1, B / BUCKET_BYTES) of the bucket's."""
+    latency = COST.all_reduce_time(0, axis)
+    return COST.all_reduce_time(nbytes, axis) - latency * (1 - min(1.0, nbytes / BUCKET_BYTES))
+
+
 def captured(spec: str, batch: int, dtype: torch.dtype = torch.float32):
     bundle = from_spec(spec, batch=batch, device="meta", dtype=dtype)
     return capture(
@@ -39,10 +47,12 @@ def captured(spec: str, batch: int, dtype: torch.dtype = torch.float32):
 
 def test_megatron_weight_all_reduces_its_shard_over_the_data_axis_once_per_step():
     # stored (R, S(0)): the gradient comes out Partial over the batch axis, sharded like the
-    # weight over the tensor axis; only the data-parallel all-reduce of the 1/4 shard remains
+    # weight over the tensor axis; only the data-parallel all-reduce of the 1/4 shard remains,
+    # in a bucket
     every, step = accumulated_gradient_times(WEIGHT, (P, Shard(0)), (R, Shard(0)), MESH, COST)
     assert every == 0.0
-    assert step == pytest.approx(COST.all_reduce_time(WEIGHT.nbytes / 4, MESH.axes[0]))
+    assert step == pytest.approx(bucketed(WEIGHT.nbytes / 4, MESH.axes[0]))
+    assert step < COST.all_reduce_time(WEIGHT.nbytes / 4, MESH.axes[0])
 
 
 def test_zero3_weight_reduce_scatters_every_microbatch():
@@ -56,14 +66,18 @@ def test_mixed_weight_splits_into_reduce_scatter_then_all_reduce_of_the_shard():
     # gradient over axis 0 each micro-batch, all-reduce the host's half over axis 1 per step
     every, step = accumulated_gradient_times(WEIGHT, (P, P), (Shard(0), R), MESH, COST)
     assert every == pytest.approx(COST.reduce_scatter_time(WEIGHT.nbytes, MESH.axes[0]))
-    assert step == pytest.approx(COST.all_reduce_time(WEIGHT.nbytes / 2, MESH.axes[1]))
+    assert step == pytest.approx(bucketed(WEIGHT.nbytes / 2, MESH.axes[1]))
 
 
 def test_replicated_weight_synchronises_everything_once_per_step():
     grad, stored = (P, P), (R, R)
     every, step = accumulated_gradient_times(WEIGHT, grad, stored, MESH, COST)
     assert every == 0.0
-    assert step == pytest.approx(reshard_time(WEIGHT, grad, stored, MESH, COST))
+    # one bucketed all-reduce per axis, each of the whole gradient
+    assert step == pytest.approx(
+        bucketed(WEIGHT.nbytes, MESH.axes[0]) + bucketed(WEIGHT.nbytes, MESH.axes[1])
+    )
+    assert step < reshard_time(WEIGHT, grad, stored, MESH, COST)
 
 
 class _FeedForward(nn.Module):
@@ -102,7 +116,7 @@ def _forced(cost_graph, graph, wanted, strategies=MEGATRON_LINEARS):
 
 def test_megatron_mlp_charges_the_data_parallel_all_reduce_once_per_step():
     """Data parallel across the hosts, Megatron TP inside, on a (2, 4) mesh: the gradient
-    sync is the data-axis all-reduce of each weight's 1/4 shard, and with B = 8 micro-batches
+    sync is the data-axis all-reduce of each weight's 1/4 shard (in a bucket), and with B = 8 micro-batches
     only 1/8 of it is charged per micro-batch (the rest of the assignment held equal)."""
     graph = capture(
         _FeedForward(),
@@ -114,9 +128,7 @@ def test_megatron_mlp_charges_the_data_parallel_all_reduce_once_per_step():
     one = build_cost_graph(graph, MESH, COST, num_microbatches=1)
     eight = build_cost_graph(graph, MESH, COST, num_microbatches=8)
     choice = solve(_forced(one, graph, wanted)).choice
-    sync = sum(
-        COST.all_reduce_time(graph.param_shapes[fqn].nbytes / 4, MESH.axes[0]) for fqn in wanted
-    )
+    sync = sum(bucketed(graph.param_shapes[fqn].nbytes / 4, MESH.axes[0]) for fqn in wanted)
     at_one, at_eight = one.breakdown(choice), eight.breakdown(choice)
     assert at_one.gradient_sync_s == pytest.approx(sync, rel=1e-9)
     assert at_eight.gradient_sync_s == pytest.approx(sync, rel=1e-9)

@@ -3,6 +3,7 @@ configuration priced by the same simulator; the simulator agrees with the schedu
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from hierarchical_ap.cluster import Cluster
@@ -10,9 +11,20 @@ from hierarchical_ap.plan import ParallelPlan
 from stage_partitioner.layers import planning_layers
 from stage_partitioner.manual import ManualConfig, simulate_manual
 from stage_partitioner.model_planning import capture_spec, planning_context
-from stage_partitioner.planner import PlannerOptions, plan_in_context, to_parallel_plan
+from stage_partitioner.planner import (
+    PlannerOptions,
+    distinct_options,
+    plan_in_context,
+    to_parallel_plan,
+)
 from stage_partitioner.simulator import candidate_from_plan
-from stage_partitioner.stage_costs import build_table, part_tasks
+from stage_partitioner.stage_costs import (
+    MeshChoice,
+    StageCostTable,
+    StageOption,
+    build_table,
+    part_tasks,
+)
 
 SPEC = "gpt:layers=4,hidden=256,heads=8,vocab=1024,seq=128"
 
@@ -187,3 +199,33 @@ def test_stage_table_holds_a_tied_embedding_once_per_range():
     context.solver.solve_all(part_tasks([single], candidate.microbatch, [option.mesh]))
     merged = build_table(context.solver, [single], candidate.microbatch, [option.mesh], ("none",))
     assert merged.range_state()[0, 0, q] == pytest.approx(whole, rel=1e-6)
+
+
+def test_distinct_options_keeps_one_of_each_set_of_equal_columns():
+    """Memory levels whose ILPs found the same shardings are one option to the screening;
+    another mesh, recomputation or any differing column keeps an option of its own."""
+    mesh, other = MeshChoice((1, 4), (4, 1)), MeshChoice((1, 4), (2, 2))
+    options = [
+        StageOption(mesh, 0, "none"),
+        StageOption(mesh, 1, "none"),  # = level 0
+        StageOption(mesh, 2, "none"),  # less state: kept
+        StageOption(other, 0, "none"),  # another logical mesh: kept
+        StageOption(mesh, 0, "full"),  # recomputes: kept
+    ]
+    column = np.array([[1.0], [2.0]])
+    same = np.repeat(column, len(options), axis=1)
+    state = same.copy()
+    state[:, 2] = 0.5
+    table = StageCostTable(
+        layers=[],
+        microbatch=1,
+        options=options,
+        time=same,
+        forward_time=same,
+        gradient_sync=same,
+        state=state,
+        activation=same,
+        peak_extra=same,
+        shared_state={},
+    )
+    assert distinct_options(table) == [0, 2, 3, 4]

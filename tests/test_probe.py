@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import statistics
 import time
 
 import pytest
@@ -14,13 +16,21 @@ from hierarchical_ap.cluster import Cluster, Collective, DeviceSpec
 from hierarchical_ap.commands import cluster as cluster_command
 from hierarchical_ap.cost_model import CostModel
 from hierarchical_ap.errors import ClusterSpecError
+from hierarchical_ap.models.gpt import GPTBlock
 from hierarchical_ap.probe import (
     CACHE_WORKING_SET,
     GEMM_SIZE,
     MIN_ALPHA,
     MIN_BETA,
+    REFERENCE_BLOCK,
+    REFERENCE_TOKENS,
+    DeviceRates,
+    compute_scale,
     fit_alpha_beta,
+    median_rates,
+    modelled_reference_block_s,
     probe,
+    rated_device,
 )
 from tests.measure import AtenCalls
 
@@ -135,6 +145,7 @@ def check_probed_file(path, workers: int) -> Cluster:
     assert cluster.device.cache_bytes == CACHE_WORKING_SET
     assert 1e8 < cluster.device.cache_bandwidth < 1e13
     assert 0 <= cluster.device.dtensor_dispatch_s < 1e-2
+    assert 0.2 < cluster.device.compute_scale < 10
     axis = cluster.logical_mesh((1, workers)).axes[1]
     assert CostModel.for_cluster(cluster).all_reduce_time(MIB, axis) > 0
     return cluster
@@ -175,6 +186,12 @@ def test_probe_four_workers_json(tmp_path, capsys, no_ray_left_behind):
     assert summary["cache_bandwidth"] > 0 and summary["cache_bytes"] == CACHE_WORKING_SET
     # DTensor wraps every op it dispatches in sharding propagation: dearer than the plain op
     assert summary["dtensor_dispatch_s"] > 0.2 * summary["kernel_overhead_s"]
+    # the reference block, timed with one busy worker per core, cannot beat one thread alone
+    # (best of five here) by more than the VM's drift
+    cluster = Cluster.from_file(path)
+    assert summary["compute_scale"] == cluster.device.compute_scale
+    alone = min(_single_thread_block_seconds() for _ in range(5))
+    assert summary["reference_block_s"] >= 0.8 * alone
 
 
 def _single_thread_gemm_flops() -> float:
@@ -187,6 +204,43 @@ def _single_thread_gemm_flops() -> float:
         started = time.perf_counter()
         a @ b
         return 2 * GEMM_SIZE**3 / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_compute_scale_is_the_median_ratio_of_measured_to_modelled_block_time():
+    """s = median_r t_block(r) / t_model(r), each repetition's block against the cost model
+    with that repetition's rates: three repetitions whose block took 1.1, 1.5 and 1.3 times
+    the model's time give 1.3, whatever their rates."""
+    device = DeviceSpec.cpu(2)
+    reps = []
+    for factor, gemm in ((1.1, 40e9), (1.5, 90e9), (1.3, 60e9)):
+        rates = DeviceRates(gemm, 10e9, 8e-6, 40e9, 5e-5, 0.0)
+        modelled = modelled_reference_block_s(rated_device(device, rates))
+        reps.append(dataclasses.replace(rates, reference_block_s=factor * modelled))
+    assert compute_scale(device, reps) == pytest.approx(1.3, rel=1e-12)
+    # the device then prices the block at the median repetition's measured time
+    median = reps[2]
+    scaled = dataclasses.replace(rated_device(device, median), compute_scale=1.3)
+    assert modelled_reference_block_s(scaled) == pytest.approx(median.reference_block_s)
+    assert median_rates(reps) == DeviceRates(
+        60e9, 10e9, 8e-6, 40e9, 5e-5, statistics.median(r.reference_block_s for r in reps)
+    )
+
+
+def _single_thread_block_seconds() -> float:
+    """Seconds of one forward and backward of the probe's reference GPT block on one thread
+    of this process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        block = GPTBlock(REFERENCE_BLOCK)
+        hidden = torch.randn(*REFERENCE_TOKENS, REFERENCE_BLOCK.hidden)
+        params = list(block.parameters())
+        torch.autograd.grad(block(hidden), params, torch.ones_like(hidden))
+        started = time.perf_counter()
+        torch.autograd.grad(block(hidden), params, torch.ones_like(hidden))
+        return time.perf_counter() - started
     finally:
         torch.set_num_threads(threads)
 

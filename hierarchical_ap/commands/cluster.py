@@ -105,6 +105,8 @@ def _summary(result: ProbeResult, path: str) -> dict:
         "cache_bandwidth": result.rates and result.rates.cache_bandwidth,
         "cache_bytes": result.rates and result.cluster.device.cache_bytes,
         "dtensor_dispatch_s": result.rates and result.rates.dtensor_dispatch_s,
+        "reference_block_s": result.per_core_rates and result.per_core_rates.reference_block_s,
+        "compute_scale": result.cluster.device.compute_scale,
         "collectives": {
             c.value: {"alpha": f.alpha, "beta": f.beta} for c, f in result.fits.items()
         },
@@ -121,7 +123,9 @@ def _table(result: ProbeResult) -> Table:
             f"{rates.memory_bandwidth / 1e9:.2f} GB/s ({rates.cache_bandwidth / 1e9:.2f} GB/s "
             f"for kernels within {cluster.device.cache_bytes / 2**20:g} MiB), "
             f"{rates.kernel_overhead_s * 1e6:.1f} µs per kernel "
-            f"(+{rates.dtensor_dispatch_s * 1e6:.1f} µs on DTensor)"
+            f"(+{rates.dtensor_dispatch_s * 1e6:.1f} µs on DTensor); a GPT block "
+            f"{result.per_core_rates.reference_block_s * 1e3:.2f} ms, "
+            f"{cluster.device.compute_scale:.2f}× the rates' prediction (compute_scale)"
         )
     table = Table(
         title=f"{cluster.devices_per_host} {cluster.device.name} workers ({cluster.backend})",
