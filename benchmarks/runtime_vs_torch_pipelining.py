@@ -41,10 +41,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,15 +55,25 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from common import (
+    THREADS_PER_WORKER,
+    adamw,
+    add_workload_arguments,
+    check_steps,
+    gpt_spec,
+    plan_gpt,
+    probed_cluster,
+    run_with_timeout,
+    simulate_plan,
+    start_local_ray,
+    token_batches,
+)
 from torch import nn
 
 WORLD = 4
-THREADS_PER_WORKER = 1
-"""The runtime's Ray actors run ``torch.set_num_threads(1)``; the torch processes match it."""
 TARGET_RATIO = 1.00
 CEILING_RATIO = 1.10
 SIMULATOR_TOLERANCE = 0.30
-LEARNING_RATE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -84,19 +92,7 @@ class Workload:
 
     def batches(self, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``count`` seeded (input_ids, next-token targets) global batches."""
-        generator = torch.Generator().manual_seed(1)
-        out = []
-        for _ in range(count):
-            tokens = torch.randint(
-                self.vocab, (self.global_batch, self.seq + 1), generator=generator
-            )
-            out.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
-        return out
-
-
-def adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """The optimizer of both sides."""
-    return torch.optim.AdamW(params, lr=LEARNING_RATE)
+        return token_batches(count, self.global_batch, self.seq, self.vocab)
 
 
 # --------------------------------------------------------------------------- stage split
@@ -266,59 +262,6 @@ class TorchPipeline:
 # --------------------------------------------------------------------------- ours
 
 
-def build_plan(model: nn.Module, workload: Workload, batch: tuple[torch.Tensor, torch.Tensor]):
-    """The 4-stage, 1-device-per-stage 1F1B plan on ``Cluster.local_cpu(4)``."""
-    from hierarchical_ap.api import manual_plan
-    from hierarchical_ap.cluster import Cluster
-    from hierarchical_ap.models.bundle import causal_lm_loss
-
-    inputs, targets = batch
-    return manual_plan(
-        model,
-        Cluster.local_cpu(WORLD),
-        (inputs,),
-        targets=targets,
-        loss_fn=causal_lm_loss,
-        tp=1,
-        pp=WORLD,
-        dp=1,
-        micro_batch_size=workload.micro_batch_size,
-        schedule="1f1b",
-    )
-
-
-def simulate_plan(
-    model: nn.Module, plan: Any, cluster_file: Path, batch: tuple[torch.Tensor, torch.Tensor]
-) -> Any:
-    """The simulator's ``Simulation`` of ``plan`` on the probed cluster (``hap simulate
-    plan.json``'s path: the plan's candidate re-simulated with the cluster file's costs)."""
-    from hierarchical_ap.api import capture_for_planning
-    from hierarchical_ap.cluster import Cluster
-    from hierarchical_ap.models.bundle import causal_lm_loss
-    from stage_partitioner.model_planning import planning_context
-    from stage_partitioner.planner import PlannerOptions
-    from stage_partitioner.simulator import candidate_from_plan
-
-    inputs, targets = batch
-    cluster = Cluster.from_file(cluster_file)
-    graph = capture_for_planning(model, (inputs,), targets=targets, loss_fn=causal_lm_loss)
-    plan.check_matches(graph, cluster)
-    options = PlannerOptions(global_batch=plan.global_batch, workers=1)
-    context = planning_context(graph, cluster, options, plan.precision)
-    simulation = context.simulator.simulate(candidate_from_plan(context, plan))
-    if simulation is None:
-        raise RuntimeError("the simulator found no sharding for a stage of the plan")
-    return simulation
-
-
-def probe_cluster(path: Path, timeout_s: float) -> None:
-    """``hap cluster probe --workers 4 -o path`` in a child process (its own Ray)."""
-    command = [sys.executable, "-m", "hierarchical_ap.cli", "cluster", "probe"]
-    command += ["--workers", str(WORLD), "-o", str(path), "--quiet"]
-    print(f"probing: {' '.join(command[2:])}", flush=True)
-    subprocess.run(command, check=True, timeout=timeout_s, stdout=subprocess.DEVNULL)
-
-
 # --------------------------------------------------------------------------- driver
 
 
@@ -334,19 +277,6 @@ def _timed(run: Any, *args: Any) -> tuple[float, float]:
     return time.perf_counter() - started, loss
 
 
-def _stop_on_signals() -> None:
-    """Turn SIGTERM and the --timeout alarm into exceptions, so ``finally`` cleans up."""
-
-    def raise_timeout(signum: int, frame: Any) -> None:
-        raise TimeoutError("the benchmark ran past --timeout; stopping every worker")
-
-    def raise_exit(signum: int, frame: Any) -> None:
-        raise SystemExit(f"stopped by signal {signum}")
-
-    signal.signal(signal.SIGALRM, raise_timeout)
-    signal.signal(signal.SIGTERM, raise_exit)
-
-
 def run(args: argparse.Namespace) -> int:
     import ray
 
@@ -356,8 +286,7 @@ def run(args: argparse.Namespace) -> int:
     from runtime.step_trace import stage_compute_means
 
     workload = Workload(
-        spec=f"gpt:layers={args.layers},hidden={args.hidden},heads={args.heads},"
-        f"vocab={args.vocab},seq={args.seq},tied=0",
+        spec=gpt_spec(args),
         global_batch=args.global_batch,
         microbatches=args.microbatches,
         seq=args.seq,
@@ -374,7 +303,14 @@ def run(args: argparse.Namespace) -> int:
     batches = workload.batches(total)
     torch.manual_seed(0)
     model = from_spec(workload.spec, batch=args.global_batch, seq=args.seq, device="cpu").model
-    plan = build_plan(model, workload, batches[0])
+    plan = plan_gpt(
+        model,
+        hap.Cluster.local_cpu(WORLD),
+        batches[0],
+        pp=WORLD,
+        dp=1,
+        micro_batch_size=workload.micro_batch_size,
+    )
     blocks = stage_blocks(plan)
     print(
         f"model {workload.spec}; global batch {workload.global_batch} = {workload.microbatches} "
@@ -385,19 +321,10 @@ def run(args: argparse.Namespace) -> int:
     )
 
     with tempfile.TemporaryDirectory() as scratch:
-        cluster_file = args.cluster_file
-        if cluster_file is None:
-            cluster_file = Path(scratch) / "cluster.yaml"
-            probe_cluster(cluster_file, args.timeout)
-        simulation = simulate_plan(model, plan, cluster_file, batches[0])
+        probed = probed_cluster(args, WORLD, Path(scratch))
+    simulation = simulate_plan(model, plan, probed, batches[0])
 
-    ray.init(
-        num_cpus=WORLD,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="WARNING",
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(THREADS_PER_WORKER)}},
-    )
+    start_local_ray(WORLD)
     executable = None
     pipeline = None
     try:
@@ -490,42 +417,20 @@ def report_stages(measured: dict[int, Any], simulation: Any) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
-    parser.add_argument("--layers", type=int, default=4, help="GPT blocks (at least 4)")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--global-batch", type=int, default=16)
+    add_workload_arguments(parser, layers=4, warmup=3, steps=10, workers=WORLD)
     parser.add_argument("--microbatches", type=int, default=8)
-    parser.add_argument(
-        "--cluster-file",
-        type=Path,
-        default=None,
-        help="a cluster file from `hap cluster probe --workers 4` (default: probe now)",
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=900.0, help="seconds before the whole run is stopped"
-    )
     parser.add_argument(
         "--step-timeout", type=float, default=120.0, help="seconds one torch step may take"
     )
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be at least 1 and --warmup at least 0")
+    check_steps(parser, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _stop_on_signals()
-    signal.alarm(max(1, int(args.timeout)))
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS_PER_WORKER))
-    try:
-        return run(args)
-    finally:
-        signal.alarm(0)
+    return run_with_timeout(lambda: run(args), args.timeout)
 
 
 if __name__ == "__main__":
