@@ -254,7 +254,7 @@ def probe(
                 samples.append(_measure(workers, collective, size, reps, timeout_s))
         rates = per_core = scale = None
         if base.device.is_cpu:
-            report("GEMM, memory and cache bandwidth, kernel overhead")
+            report("GEMM, memory and cache bandwidth, kernel overhead, a reference block")
             all_busy = _device_rates(workers, reps, len(workers), timeout_s)
             per_core_reps = all_busy
             busy = min(len(workers), _host_cores())
