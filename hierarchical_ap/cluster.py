@@ -208,11 +208,11 @@ class DeviceSpec:
 
     `compute_scale` multiplies every op time the cost model derives from the fields above
     (`CostModel.op_time`): the measured over the modelled time of a reference transformer
-    block's forward and backward on this device with every worker busy, which `hap cluster
-    probe` measures on CPU workers (`probe.REFERENCE_BLOCK`), where the micro-benchmarks'
-    rates miss what a real block's mix of small GEMMs, normalisations and activations loses to
-    the neighbours sharing the host's caches and memory. 1 (the default, and the GPU presets)
-    leaves the times as modelled.
+    block's forward and backward on this device beside busy neighbours (one busy worker per
+    core), which `hap cluster probe` measures on CPU workers (`probe.REFERENCE_BLOCK`), where
+    the micro-benchmarks' rates miss what a real block's mix of small GEMMs, normalisations
+    and activations loses to the neighbours sharing the host's caches and memory. 1 (the
+    default, and the GPU presets) leaves the times as modelled.
     """
 
     name: str

@@ -95,6 +95,7 @@ from dataclasses import dataclass
 import torch
 
 from hierarchical_ap.cluster import Cluster, Collective, DeviceSpec, Link, MeshAxis
+from hierarchical_ap.profile import NodeProfile
 
 #: Default efficiencies for datasheet (GPU) figures; see `CostModel`. They are the only free
 #: parameters of the GPU cost model and the same for every model and cluster:
@@ -170,9 +171,14 @@ class CostModel:
 
     @classmethod
     def for_cluster(cls, cluster: Cluster) -> CostModel:
-        """Defaults suited to the cluster: GPU datasheet peaks get the GPU efficiencies; CPU
+        """`for_device` of the cluster's devices."""
+        return cls.for_device(cluster.device)
+
+    @classmethod
+    def for_device(cls, device: DeviceSpec) -> CostModel:
+        """Defaults suited to the device: GPU datasheet peaks get the GPU efficiencies; CPU
         (gloo) figures are already achieved rates (per-core defaults or probed), so 1.0."""
-        if cluster.device.is_cpu:
+        if device.is_cpu:
             return cls(
                 matmul_efficiency=1.0,
                 memory_efficiency=1.0,
@@ -204,6 +210,31 @@ class CostModel:
         bandwidth = device.memory_bandwidth(bytes_accessed / max(kernels, 1))
         memory = bytes_accessed / (bandwidth * self.memory_efficiency)
         return device.compute_scale * (kernels * device.kernel_overhead_s + max(compute, memory))
+
+    def node_forward_time(
+        self, profile: NodeProfile, device: DeviceSpec, dtype: torch.dtype, work_split: int = 1
+    ) -> float:
+        """`op_time` of a profiled node's forward, its FLOPs and bytes split `work_split` ways
+        (its kernels are dispatched by every device)."""
+        return self.op_time(
+            profile.forward_flops / work_split,
+            profile.forward_bytes / work_split,
+            device,
+            dtype,
+            profile.forward_kernels,
+        )
+
+    def node_backward_time(
+        self, profile: NodeProfile, device: DeviceSpec, dtype: torch.dtype, work_split: int = 1
+    ) -> float:
+        """`op_time` of a profiled node's backward, split as `node_forward_time`."""
+        return self.op_time(
+            profile.backward_flops / work_split,
+            profile.backward_bytes / work_split,
+            device,
+            dtype,
+            profile.backward_kernels,
+        )
 
     def gradient_accumulation_time(
         self, gradient_bytes: Sequence[float], device: DeviceSpec, num_microbatches: int

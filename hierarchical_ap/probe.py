@@ -371,14 +371,12 @@ def modelled_reference_block_s(device: DeviceSpec) -> float:
     """What the cost model prices one forward and backward of the reference block at on
     `device`: Σ over its captured nodes of `op_time` forward + backward, as the planner prices
     a one-device stage (`device.compute_scale` included)."""
-    graph = _reference_graph()
-    cost = CostModel(1.0, 1.0, 1.0, fused_gradient_accumulation=False)
+    cost = CostModel.for_device(device)
     total = 0.0
-    for node in graph.nodes.values():
-        p = node.profile
+    for node in _reference_graph().nodes.values():
         dtype = node.outputs[0].dtype if node.outputs else torch.float32
-        total += cost.op_time(p.forward_flops, p.forward_bytes, device, dtype, p.forward_kernels)
-        total += cost.op_time(p.backward_flops, p.backward_bytes, device, dtype, p.backward_kernels)
+        total += cost.node_forward_time(node.profile, device, dtype)
+        total += cost.node_backward_time(node.profile, device, dtype)
     return total
 
 
@@ -461,7 +459,6 @@ class _Worker:
         self.port = port
         self.backend = backend
         self.timeout_s = timeout_s
-        self._busy = True
         # Ray gives each GPU actor one visible GPU, which is then cuda:0.
         self.device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
         if self.device.type == "cuda":
@@ -500,7 +497,6 @@ class _Worker:
         (`_window_seconds`). A repetition times every field once, so that a slow spell of a
         shared machine falls on all its fields alike. An idle worker (`busy=False`) only joins
         the windows' barriers and gets the busy workers' figures."""
-        self._busy = busy
         a = torch.randn(GEMM_SIZE, GEMM_SIZE, device=self.device)
         b = torch.randn(GEMM_SIZE, GEMM_SIZE, device=self.device)
         leaf = torch.ones(16, device=self.device, requires_grad=True)
@@ -525,7 +521,10 @@ class _Worker:
                 run()
         out = []
         for _ in range(reps):
-            t = {name: self._window_seconds(run, times) for name, (run, times) in windows.items()}
+            t = {
+                name: self._window_seconds(run, times if busy else 0)
+                for name, (run, times) in windows.items()
+            }
             out.append(
                 (
                     GEMMS_PER_REP * 2 * GEMM_SIZE**3 / t["gemm"],
@@ -560,11 +559,11 @@ class _Worker:
 
     def _window_seconds(self, run: Callable[[], object], times: int) -> float:
         """The slowest worker's time (an all-reduce MAX) to call `run` `times` times, starting
-        after a barrier; an idle worker calls nothing."""
+        after a barrier (an idle worker calls it 0 times)."""
         dist.barrier()
         self._sync()
         start = time.perf_counter()
-        for _ in range(times if self._busy else 0):
+        for _ in range(times):
             run()
         self._sync()
         slowest = torch.tensor(

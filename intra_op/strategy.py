@@ -76,29 +76,16 @@ class StrategyContext:
 
     def compute_time(self, node: OpNode, work_split: int) -> float:
         """Forward + backward time of ``node`` with its work split ``work_split`` ways."""
-        profile = node.profile
         dtype = node.outputs[0].dtype if node.outputs else torch.float32
         device = self.mesh.submesh.cluster.device
-        backward = self.cost.op_time(
-            profile.backward_flops / work_split,
-            profile.backward_bytes / work_split,
-            device,
-            dtype,
-            profile.backward_kernels,
-        )
+        backward = self.cost.node_backward_time(node.profile, device, dtype, work_split)
         return self.forward_time(node, work_split) + backward
 
     def forward_time(self, node: OpNode, work_split: int) -> float:
         """Forward time of ``node`` with its work split ``work_split`` ways."""
-        profile = node.profile
         dtype = node.outputs[0].dtype if node.outputs else torch.float32
-        return self.cost.op_time(
-            profile.forward_flops / work_split,
-            profile.forward_bytes / work_split,
-            self.mesh.submesh.cluster.device,
-            dtype,
-            profile.forward_kernels,
-        )
+        device = self.mesh.submesh.cluster.device
+        return self.cost.node_forward_time(node.profile, device, dtype, work_split)
 
     def strategy(
         self,

@@ -287,17 +287,17 @@ def distinct_options(table: StageCostTable) -> list[int]:
     the recomputation and every layer's time, gradient sync, state, activations and extra
     peak once (the first): memory levels whose ILPs found the same shardings are one stage to
     the simulator, and would otherwise fill the few simulated slots with copies."""
+    columns = (
+        table.time,
+        table.gradient_sync,
+        table.state,
+        table.activation,
+        table.peak_extra,
+        *table.shared_state.values(),
+    )
     seen: set[tuple] = set()
     kept = []
     for q, option in enumerate(table.options):
-        columns = (
-            table.time,
-            table.gradient_sync,
-            table.state,
-            table.activation,
-            table.peak_extra,
-            *table.shared_state.values(),
-        )
         key = (option.mesh, option.recompute, *(column[:, q].tobytes() for column in columns))
         if key not in seen:
             seen.add(key)
