@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +25,9 @@ from hierarchical_ap.plan import ParallelPlan
 from runtime.worker import PipelineWorker, TrainingProgram
 
 TOLERANCE = 1e-5
+#: bf16 against the bf16 reference (why these: ``tests/test_runtime_precision.py``).
+BF16_LOSS_RTOL = 1e-2
+BF16_PARAM_ATOL, BF16_PARAM_RTOL = 2e-3, 1e-2
 LEARNING_RATE = 0.1
 BATCH, SEQ = 8, 8
 
@@ -46,6 +51,12 @@ class BlockMLP(nn.Module):
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def worker_pythonpath() -> str:
+    """This checkout first, then whatever this process was given (packages installed beside
+    the interpreter's own)."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+
+
 @contextmanager
 def local_ray(num_cpus: int) -> Iterator[None]:
     """A local Ray session with ``num_cpus`` logical CPUs whose workers import this checkout,
@@ -54,7 +65,7 @@ def local_ray(num_cpus: int) -> Iterator[None]:
         num_cpus=num_cpus,
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}},
+        runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath(), "OMP_NUM_THREADS": "1"}},
     )
     try:
         yield
@@ -158,8 +169,10 @@ def reference_run(
     optimizer_fn: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
     *,
     precision: str = "fp32",
+    device: str | torch.device = "cpu",
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Losses of each step and the final state dict, trained in this process.
+    """Losses of each step and the final state dict (on the CPU), trained in this process on
+    ``device`` (the model and the batches are moved there).
 
     ``precision="bf16"`` is mixed precision done by hand, the way torch's own recipes do it
     (independent of the runtime's code): the model is the fp32 master the optimizer steps;
@@ -172,9 +185,11 @@ def reference_run(
     model = case.model
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         init_module_weights(model, seed=0)
+    model.to(device)
     optimizer = optimizer_fn(list(model.parameters()))
     losses = []
     for inputs, targets in case.batches:
+        inputs, targets = [x.to(device) for x in inputs], targets.to(device)
         optimizer.zero_grad()
         if precision == "fp32":
             loss = case.loss_fn(model(*inputs), targets)
@@ -190,7 +205,7 @@ def reference_run(
             raise ValueError(f"no reference for precision {precision!r}")
         optimizer.step()
         losses.append(loss.item())
-    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return losses, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def plan_for(
@@ -204,14 +219,15 @@ def plan_for(
     virtual_stages: int = 1,
     micro_batch_size: int = 1,
     precision: str = "fp32",
+    cluster: Cluster | None = None,
 ) -> ParallelPlan:
-    """The manual (Megatron-style) plan of model ``name`` on ``workers`` local CPU workers,
-    for training in ``precision``."""
+    """The manual (Megatron-style) plan of model ``name`` on ``workers`` local CPU workers (or
+    on ``cluster``), for training in ``precision``."""
     case = build_case(name, 1, meta=True)
     inputs, targets = case.batches[0]
     return manual_plan(
         case.model,
-        Cluster.local_cpu(workers),
+        Cluster.local_cpu(workers) if cluster is None else cluster,
         inputs,
         targets=targets,
         loss_fn=case.loss_fn,
@@ -271,6 +287,30 @@ def compare(
         if err > 0:
             bad[key] = err
     return bad
+
+
+def bf16_far(
+    state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """Keys whose values differ from the bf16 reference beyond the bf16 parameter tolerance."""
+    assert set(state) == set(reference), set(state) ^ set(reference)
+    bad = {}
+    for key, expected in reference.items():
+        excess = (state[key].double() - expected.double()).abs() - (
+            BF16_PARAM_ATOL + BF16_PARAM_RTOL * expected.double().abs()
+        )
+        if excess.max() > 0:
+            bad[key] = float(excess.max())
+    return bad
+
+
+def check_bf16_losses(losses: list[float], bf16: list[float], fp32: list[float]) -> None:
+    """Losses within ``BF16_LOSS_RTOL`` of the bf16 reference's, and the first step's nearer
+    the bf16 reference than the fp32 one by ten times."""
+    close = (math.isclose(a, b, rel_tol=BF16_LOSS_RTOL) for a, b in zip(losses, bf16, strict=True))
+    assert all(close), (losses, bf16)
+    # the first step's loss depends on the parameters only: bf16's, not fp32's
+    assert abs(losses[0] - bf16[0]) * 10 < abs(losses[0] - fp32[0]), (losses, bf16, fp32)
 
 
 def canonical_names(model: nn.Module) -> dict[str, str]:

@@ -3,9 +3,9 @@ process (``tests.runtime_cases.reference_run(..., precision="bf16")``).
 
 Tolerances. bfloat16 keeps 8 significant bits (unit roundoff 2^-8 ≈ 3.9e-3). Two bf16 runs
 that split the batch differently (micro-batches, data-parallel shards) round differently, so
-losses are compared with ``LOSS_RTOL = 1e-2`` (about 2.5 bf16 units; they agree to ~1e-5 in
+losses are compared with ``BF16_LOSS_RTOL = 1e-2`` (about 2.5 bf16 units; they agree to ~1e-5 in
 practice, the losses being fp32 means) and the fp32 master parameters, after 5 steps of SGD
-with momentum whose updates total ~5e-2, within ``PARAM_ATOL + PARAM_RTOL·|reference|``
+with momentum whose updates total ~5e-2, within ``BF16_PARAM_ATOL + BF16_PARAM_RTOL·|reference|``
 (2e-3, 1e-2: a lost micro-batch or a gradient scaled wrongly moves them by ~1e-2). That bf16 is
 really what runs is shown by the first step's loss, which the parameters alone decide: it
 equals the bf16 reference's and differs from the fp32 reference's by over ten times as much,
@@ -25,7 +25,6 @@ and by the dtypes of the values the workers exchange.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import pytest
@@ -43,9 +42,11 @@ from runtime.worker import meta_copy, to_meta
 from tests.distributed import DistributedWorkers
 from tests.runtime_cases import (
     adamw,
+    bf16_far,
     build_case,
     built_worker,
     canonical_names,
+    check_bf16_losses,
     local_ray,
     plan_for,
     reference_run,
@@ -53,28 +54,7 @@ from tests.runtime_cases import (
 )
 
 STEPS = 5
-LOSS_RTOL = 1e-2
-PARAM_ATOL, PARAM_RTOL = 2e-3, 1e-2
 BF16, FP32 = "torch.bfloat16", "torch.float32"
-
-
-def _far(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Keys whose values differ from the reference beyond the bf16 parameter tolerance."""
-    assert set(state) == set(reference), set(state) ^ set(reference)
-    bad = {}
-    for key, expected in reference.items():
-        excess = (state[key].double() - expected.double()).abs() - (
-            PARAM_ATOL + PARAM_RTOL * expected.double().abs()
-        )
-        if excess.max() > 0:
-            bad[key] = float(excess.max())
-    return bad
-
-
-def _check_losses(losses: list[float], bf16: list[float], fp32: list[float]) -> None:
-    assert all(math.isclose(a, b, rel_tol=LOSS_RTOL) for a, b in zip(losses, bf16, strict=True))
-    # the first step's loss depends on the parameters only: bf16's, not fp32's
-    assert abs(losses[0] - bf16[0]) * 10 < abs(losses[0] - fp32[0]), (losses, bf16, fp32)
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +96,9 @@ def bf16_executable() -> Iterator[tuple]:
 def test_bf16_pipeline_trains_like_one_bf16_process_with_fp32_masters(bf16_executable, references):
     exe, losses, state, _ = bf16_executable
     (bf16_losses, bf16_state), (fp32_losses, _) = references
-    _check_losses(losses, bf16_losses, fp32_losses)
+    check_bf16_losses(losses, bf16_losses, fp32_losses)
     assert {str(v.dtype) for v in state.values()} == {FP32}
-    assert _far(state, bf16_state) == {}
+    assert bf16_far(state, bf16_state) == {}
     stages = {}
     for report in ray.get([w.stage_dtypes.remote() for w in exe.workers], timeout=60):
         stages.update(report)
@@ -174,11 +154,11 @@ def test_one_device_bf16_stage_trains_like_one_bf16_process(one_process, referen
     )
     (bf16_losses, bf16_state), (fp32_losses, _) = references
     assert all(plain)
-    _check_losses([sum(mb) / len(mb) for mb in losses], bf16_losses, fp32_losses)
+    check_bf16_losses([sum(mb) / len(mb) for mb in losses], bf16_losses, fp32_losses)
     canonical = canonical_names(build_case("gpt", 1).model)
     full = {k: state[canonical.get(k, k)] for k in bf16_state}
     assert {str(v.dtype) for v in full.values()} == {FP32}
-    assert _far(full, bf16_state) == {}
+    assert bf16_far(full, bf16_state) == {}
     assert dtypes[0]["parameters"] == [FP32] and dtypes[0]["gradients"] == [FP32]
 
 
