@@ -58,11 +58,12 @@ def worker_pythonpath() -> str:
 
 
 @contextmanager
-def local_ray(num_cpus: int) -> Iterator[None]:
-    """A local Ray session with ``num_cpus`` logical CPUs whose workers import this checkout,
-    one thread each; shut down on exit."""
+def local_ray(num_cpus: int, num_gpus: int = 0) -> Iterator[None]:
+    """A local Ray session with ``num_cpus`` logical CPUs (and ``num_gpus`` GPUs) whose
+    workers import this checkout, one thread each; shut down on exit."""
     ray.init(
         num_cpus=num_cpus,
+        num_gpus=num_gpus,
         include_dashboard=False,
         log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath(), "OMP_NUM_THREADS": "1"}},

@@ -31,11 +31,11 @@ from tests.runtime_cases import (
     build_case,
     check_bf16_losses,
     compare,
+    local_ray,
     megatron,
     plan_for,
     reference_run,
     sgd_momentum,
-    worker_pythonpath,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -49,17 +49,8 @@ needs_two = pytest.mark.skipif(GPUS < 2, reason="needs two GPUs")
 
 @pytest.fixture(scope="module", autouse=True)
 def gpu_ray() -> Iterator[None]:
-    ray.init(
-        num_cpus=max(4, 2 * GPUS),
-        num_gpus=GPUS,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath(), "OMP_NUM_THREADS": "1"}},
-    )
-    try:
+    with local_ray(max(4, 2 * GPUS), GPUS):
         yield
-    finally:
-        ray.shutdown()
 
 
 def _gpus(count: int) -> Cluster:
