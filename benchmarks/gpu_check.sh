@@ -33,7 +33,7 @@ timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_runtime_gpu.py \
     > "$out/pytest.log" 2>&1 || failed=$((failed + 1))
 tail -n 25 "$out/pytest.log"
 
-timeout 60 ray start --head --num-cpus=8 --disable-usage-stats > "$out/ray_start.log" 2>&1
+timeout 60 ray start --head --num-cpus=8 --include-dashboard=false --disable-usage-stats > "$out/ray_start.log" 2>&1
 timeout 90 python3 examples/train_gpt.py --cluster auto --steps 10 \
     > "$out/train_gpt.log" 2>&1 || failed=$((failed + 1))
 tail -n 12 "$out/train_gpt.log"
