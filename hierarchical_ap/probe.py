@@ -21,7 +21,9 @@ full contention (a worker that finished early would otherwise let the others run
 they do in training). A repetition runs one window of each kind below in turn, so that a slow
 spell of a shared machine falls on all of them alike; the median over repetitions gives
 
-* the peak FLOP/s: `GEMMS_PER_REP` 1024³ fp32 GEMMs;
+* the peak FLOP/s: `GEMMS_PER_REP` 1024³ fp32 GEMMs, and as many bf16 ones for the bf16 rate
+  (CPUs with AMX tiles run them several times faster than fp32, others slower; fp16 keeps
+  the fp32 rate, as bf16 is the only half precision the runtime trains in);
 * the memory bandwidth: `STREAM_PER_REP` out-of-place adds of two 16 MiB fp32 vectors (read
   two, write one: 48 MiB each);
 * the cache bandwidth: `CACHE_STREAM_PER_REP` of the same adds on 1 MiB vectors, a 3 MiB
@@ -160,6 +162,8 @@ class DeviceRates:
     """Seconds DTensor adds to each kernel it dispatches (comm-free, replicated)."""
     reference_block_s: float
     """Seconds of one forward and backward of `REFERENCE_BLOCK`."""
+    gemm_flops_bf16: float
+    """FLOP/s of bf16 GEMMs."""
 
 
 @dataclass(frozen=True)
@@ -305,7 +309,7 @@ def rated_device(device: DeviceSpec, rates: DeviceRates) -> DeviceSpec:
     return dataclasses.replace(
         device,
         peak_flops_fp32=rates.gemm_flops,
-        peak_flops_bf16=rates.gemm_flops,
+        peak_flops_bf16=rates.gemm_flops_bf16,
         peak_flops_fp16=rates.gemm_flops,
         hbm_bandwidth=rates.memory_bandwidth,
         kernel_overhead_s=rates.kernel_overhead_s,
@@ -488,17 +492,17 @@ class _Worker:
             times.append(time.perf_counter() - start)
         return times
 
-    def device_rates(
-        self, reps: int, busy: bool = True
-    ) -> list[tuple[float, float, float, float, float, float]]:
+    def device_rates(self, reps: int, busy: bool = True) -> list[tuple[float, ...]]:
         """The `DeviceRates` fields (GEMM FLOP/s, memory bytes/s, seconds per kernel, cache
-        bytes/s, DTensor's seconds per kernel, seconds per reference block) of each of `reps`
+        bytes/s, DTensor's seconds per kernel, seconds per reference block, bf16 GEMM FLOP/s)
+        of each of `reps`
         repetitions, each field the work of one window over the window's time
         (`_window_seconds`). A repetition times every field once, so that a slow spell of a
         shared machine falls on all its fields alike. An idle worker (`busy=False`) only joins
         the windows' barriers and gets the busy workers' figures."""
         a = torch.randn(GEMM_SIZE, GEMM_SIZE, device=self.device)
         b = torch.randn(GEMM_SIZE, GEMM_SIZE, device=self.device)
+        a16, b16 = a.bfloat16(), b.bfloat16()
         leaf = torch.ones(16, device=self.device, requires_grad=True)
         with KernelCounter() as counted:
             _scalar_chain(leaf)
@@ -515,6 +519,7 @@ class _Worker:
             "cached": (cached, CACHE_STREAM_PER_REP),
             "dtensor": (lambda: _scalar_chain(replicated), CHAIN_PER_REP),
             "block": (block, BLOCKS_PER_REP),
+            "gemm_bf16": (lambda: a16 @ b16, GEMMS_PER_REP),
         }
         for run, _ in windows.values():  # warm-up
             if busy:
@@ -533,6 +538,7 @@ class _Worker:
                     CACHE_STREAM_PER_REP * 3 * CACHE_STREAM_NUMEL * _ELEMENT_BYTES / t["cached"],
                     max(t["dtensor"] - t["chain"], 0.0) / per_kernel,
                     t["block"] / BLOCKS_PER_REP,
+                    GEMMS_PER_REP * 2 * GEMM_SIZE**3 / t["gemm_bf16"],
                 )
             )
         return out

@@ -137,7 +137,10 @@ def check_probed_file(path, workers: int) -> Cluster:
     for collective in Collective:
         fit = link.fit(collective)
         assert fit is not None and fit.alpha > 0 and fit.beta > 0, collective
-    assert cluster.device.peak_flops_fp32 > 1e8  # the measured GEMM rate
+    assert cluster.device.peak_flops_fp32 > 1e8  # the measured GEMM rates, fp32 and bf16
+    assert cluster.device.peak_flops_bf16 > 1e7
+    assert cluster.device.peak_flops_bf16 != cluster.device.peak_flops_fp32
+    assert cluster.device.peak_flops_fp16 == cluster.device.peak_flops_fp32
     default = DeviceSpec.cpu(workers)
     assert cluster.device.hbm_bandwidth != default.hbm_bandwidth  # measured, not the default
     assert 1e8 < cluster.device.hbm_bandwidth < 1e12
@@ -215,7 +218,7 @@ def test_compute_scale_is_the_median_ratio_of_measured_to_modelled_block_time():
     device = DeviceSpec.cpu(2)
     reps = []
     for factor, gemm in ((1.1, 40e9), (1.5, 90e9), (1.3, 60e9)):
-        rates = DeviceRates(gemm, 10e9, 8e-6, 40e9, 5e-5, 0.0)
+        rates = DeviceRates(gemm, 10e9, 8e-6, 40e9, 5e-5, 0.0, 4 * gemm)
         modelled = modelled_reference_block_s(rated_device(device, rates))
         reps.append(dataclasses.replace(rates, reference_block_s=factor * modelled))
     assert compute_scale(device, reps) == pytest.approx(1.3, rel=1e-12)
@@ -224,7 +227,7 @@ def test_compute_scale_is_the_median_ratio_of_measured_to_modelled_block_time():
     scaled = dataclasses.replace(rated_device(device, median), compute_scale=1.3)
     assert modelled_reference_block_s(scaled) == pytest.approx(median.reference_block_s)
     assert median_rates(reps) == DeviceRates(
-        60e9, 10e9, 8e-6, 40e9, 5e-5, statistics.median(r.reference_block_s for r in reps)
+        60e9, 10e9, 8e-6, 40e9, 5e-5, statistics.median(r.reference_block_s for r in reps), 240e9
     )
 
 

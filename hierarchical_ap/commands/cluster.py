@@ -100,6 +100,7 @@ def _summary(result: ProbeResult, path: str) -> dict:
         "workers": result.cluster.devices_per_host,
         "backend": result.cluster.backend,
         "gemm_flops": result.rates and result.rates.gemm_flops,
+        "gemm_flops_bf16": result.rates and result.rates.gemm_flops_bf16,
         "memory_bandwidth": result.rates and result.rates.memory_bandwidth,
         "kernel_overhead_s": result.rates and result.rates.kernel_overhead_s,
         "cache_bandwidth": result.rates and result.rates.cache_bandwidth,
@@ -119,7 +120,8 @@ def _table(result: ProbeResult) -> Table:
     rates = result.rates
     if rates is not None:
         caption = (
-            f"per worker: fp32 GEMM {rates.gemm_flops / 1e9:.1f} GFLOP/s, memory "
+            f"per worker: GEMM {rates.gemm_flops / 1e9:.1f} GFLOP/s fp32, "
+            f"{rates.gemm_flops_bf16 / 1e9:.1f} bf16, memory "
             f"{rates.memory_bandwidth / 1e9:.2f} GB/s ({rates.cache_bandwidth / 1e9:.2f} GB/s "
             f"for kernels within {cluster.device.cache_bytes / 2**20:g} MiB), "
             f"{rates.kernel_overhead_s * 1e6:.1f} µs per kernel "
