@@ -169,9 +169,8 @@ def predicted_seconds(case: Case, device: DeviceSpec, dtype: torch.dtype) -> tup
         raise RuntimeError(f"{case.name}: the captured graph has no node {case.compared!r}")
     forward = backward = 0.0
     for node in nodes:
-        node_dtype = node.outputs[0].dtype if node.outputs else dtype
-        forward += cost.node_forward_time(node.profile, device, node_dtype)
-        backward += cost.node_backward_time(node.profile, device, node_dtype)
+        forward += cost.node_forward_time(node.profile, device, node.compute_dtype)
+        backward += cost.node_backward_time(node.profile, device, node.compute_dtype)
     return forward, forward + backward
 
 

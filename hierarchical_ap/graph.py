@@ -64,6 +64,11 @@ class OpNode:
     def output_bytes(self) -> int:
         return sum(m.nbytes for m in self.outputs)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype its maths is priced in: its first output's, fp32 when it has none."""
+        return self.outputs[0].dtype if self.outputs else torch.float32
+
 
 @dataclass
 class Layer:

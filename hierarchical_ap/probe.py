@@ -378,9 +378,8 @@ def modelled_reference_block_s(device: DeviceSpec) -> float:
     cost = CostModel.for_device(device)
     total = 0.0
     for node in _reference_graph().nodes.values():
-        dtype = node.outputs[0].dtype if node.outputs else torch.float32
-        total += cost.node_forward_time(node.profile, device, dtype)
-        total += cost.node_backward_time(node.profile, device, dtype)
+        total += cost.node_forward_time(node.profile, device, node.compute_dtype)
+        total += cost.node_backward_time(node.profile, device, node.compute_dtype)
     return total
 
 
@@ -495,8 +494,7 @@ class _Worker:
     def device_rates(self, reps: int, busy: bool = True) -> list[tuple[float, ...]]:
         """The `DeviceRates` fields (GEMM FLOP/s, memory bytes/s, seconds per kernel, cache
         bytes/s, DTensor's seconds per kernel, seconds per reference block, bf16 GEMM FLOP/s)
-        of each of `reps`
-        repetitions, each field the work of one window over the window's time
+        of each of `reps` repetitions, each field the work of one window over the window's time
         (`_window_seconds`). A repetition times every field once, so that a slow spell of a
         shared machine falls on all its fields alike. An idle worker (`busy=False`) only joins
         the windows' barriers and gets the busy workers' figures."""
@@ -524,6 +522,7 @@ class _Worker:
         for run, _ in windows.values():  # warm-up
             if busy:
                 run()
+        gemm_flops = GEMMS_PER_REP * 2 * GEMM_SIZE**3
         out = []
         for _ in range(reps):
             t = {
@@ -532,13 +531,13 @@ class _Worker:
             }
             out.append(
                 (
-                    GEMMS_PER_REP * 2 * GEMM_SIZE**3 / t["gemm"],
+                    gemm_flops / t["gemm"],
                     STREAM_PER_REP * 3 * STREAM_NUMEL * _ELEMENT_BYTES / t["stream"],
                     t["chain"] / per_kernel,
                     CACHE_STREAM_PER_REP * 3 * CACHE_STREAM_NUMEL * _ELEMENT_BYTES / t["cached"],
                     max(t["dtensor"] - t["chain"], 0.0) / per_kernel,
                     t["block"] / BLOCKS_PER_REP,
-                    GEMMS_PER_REP * 2 * GEMM_SIZE**3 / t["gemm_bf16"],
+                    gemm_flops / t["gemm_bf16"],
                 )
             )
         return out

@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import fx
 
 from hierarchical_ap.cluster import LogicalMesh
@@ -76,16 +75,16 @@ class StrategyContext:
 
     def compute_time(self, node: OpNode, work_split: int) -> float:
         """Forward + backward time of ``node`` with its work split ``work_split`` ways."""
-        dtype = node.outputs[0].dtype if node.outputs else torch.float32
         device = self.mesh.submesh.cluster.device
-        backward = self.cost.node_backward_time(node.profile, device, dtype, work_split)
+        backward = self.cost.node_backward_time(
+            node.profile, device, node.compute_dtype, work_split
+        )
         return self.forward_time(node, work_split) + backward
 
     def forward_time(self, node: OpNode, work_split: int) -> float:
         """Forward time of ``node`` with its work split ``work_split`` ways."""
-        dtype = node.outputs[0].dtype if node.outputs else torch.float32
         device = self.mesh.submesh.cluster.device
-        return self.cost.node_forward_time(node.profile, device, dtype, work_split)
+        return self.cost.node_forward_time(node.profile, device, node.compute_dtype, work_split)
 
     def strategy(
         self,

@@ -39,7 +39,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from hierarchical_ap import schedules
 from hierarchical_ap.cluster import Cluster
@@ -686,8 +685,7 @@ def _layer_compute_seconds(
         for part in layer.parts:
             for name in part.nodes:
                 node = graph.nodes[name]
-                dtype = node.outputs[0].dtype if node.outputs else torch.float32
-                peak = device.peak_flops(dtype) * rate
+                peak = device.peak_flops(node.compute_dtype) * rate
                 out[0, index] += node.profile.forward_flops / peak
                 out[1, index] += node.profile.backward_flops / peak
     return out
