@@ -27,7 +27,7 @@ import argparse
 import subprocess
 import sys
 import zipfile
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 #: What a CUDA PyTorch image (torch, numpy, numba, networkx, pyyaml, requests, ...) lacks.
@@ -57,7 +57,13 @@ PLATFORMS = (
 
 def download(package: str, python: str, out: Path) -> Path:
     """The wheel of ``package`` at this environment's version for CPython ``python``."""
-    pinned = f"{package}=={version(package)}"
+    try:
+        pinned = f"{package}=={version(package)}"
+    except PackageNotFoundError:
+        raise SystemExit(
+            f"{package} is not installed here, so its version is unknown; install the project "
+            "(make install) or leave it out of --packages"
+        ) from None
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
     command += ["--python-version", python, "--implementation", "cp", "-d", str(out), "-q"]
     for platform in PLATFORMS:

@@ -101,3 +101,9 @@ def test_trimming_drops_the_folders_and_their_record_lines(tmp_path):
     assert names == {"pkg/__init__.py", "pkg/keep/data.txt", "pkg-1.0.dist-info/RECORD"}
     assert "pkg/jars" not in kept_record and "pkg/keep/data.txt" in kept_record
     assert offline_wheelhouse.trim(wheel, ()) == 0
+
+
+def test_a_package_not_installed_here_is_refused_naming_the_fix(tmp_path):
+    with pytest.raises(SystemExit, match="not installed here.*make install"):
+        offline_wheelhouse.download("no-such-package-hap", "3.12", tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing downloaded
