@@ -48,6 +48,28 @@ class BlockMLP(nn.Module):
         return self.out(x)
 
 
+class BlockCNN(nn.Module):
+    """A convolutional net of identical conv → batch norm → ReLU blocks (training-mode batch
+    norms: running statistics updated in place on every forward), pooled into a classifier."""
+
+    def __init__(self, channels: int = 8, depth: int = 5, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU()
+            )
+            for _ in range(depth)
+        )
+        self.out = nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.out(x.mean((2, 3)))
+
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -119,16 +141,19 @@ ZOO = {
 
 
 def build_case(name: str, steps: int, *, meta: bool = False) -> Case:
-    """The model ``name`` ("mlp" or a ``ZOO`` key) with ``steps`` seeded batches of ``BATCH``."""
+    """The model ``name`` ("mlp", "cnn" or a ``ZOO`` key) with ``steps`` seeded batches of
+    ``BATCH``."""
     generator = torch.Generator().manual_seed(1)
-    if name == "mlp":
+    classifiers = {"mlp": (BlockMLP, (16,), 8), "cnn": (BlockCNN, (3, 8, 8), 10)}
+    if name in classifiers:
+        build, sample_shape, classes = classifiers[name]
         torch.manual_seed(0)
         with torch.device("meta" if meta else "cpu"):
-            model: nn.Module = BlockMLP()
+            model: nn.Module = build()
         batches = [
             (
-                (torch.randn(BATCH, 16, generator=generator),),
-                torch.randint(8, (BATCH,), generator=generator),
+                (torch.randn(BATCH, *sample_shape, generator=generator),),
+                torch.randint(classes, (BATCH,), generator=generator),
             )
             for _ in range(steps)
         ]
@@ -171,9 +196,15 @@ def reference_run(
     *,
     precision: str = "fp32",
     device: str | torch.device = "cpu",
+    microbatches: int = 1,
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Losses of each step and the final state dict (on the CPU), trained in this process on
     ``device`` (the model and the batches are moved there).
+
+    ``microbatches`` > 1 accumulates gradients over that many equal chunks of each batch,
+    each chunk's loss divided by their number (the step's loss is the sum of those), the way
+    a training loop with gradient accumulation does; a model whose forward depends on the
+    whole batch (batch norm) needs it to match a pipelined run.
 
     ``precision="bf16"`` is mixed precision done by hand, the way torch's own recipes do it
     (independent of the runtime's code): the model is the fp32 master the optimizer steps;
@@ -183,6 +214,8 @@ def reference_run(
 
     A meta-device model starts from ``init_module_weights(model, seed=0)``, the public
     contract of ``compile_parallel``'s meta initialisation (``init_seed=0``)."""
+    if microbatches > 1 and precision != "fp32":
+        raise ValueError("the gradient-accumulation reference is fp32 only")
     model = case.model
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         init_module_weights(model, seed=0)
@@ -192,7 +225,16 @@ def reference_run(
     for inputs, targets in case.batches:
         inputs, targets = [x.to(device) for x in inputs], targets.to(device)
         optimizer.zero_grad()
-        if precision == "fp32":
+        if precision == "fp32" and microbatches > 1:
+            loss = torch.zeros(())
+            chunks = zip(
+                *(x.chunk(microbatches) for x in inputs), targets.chunk(microbatches), strict=True
+            )
+            for *chunk_inputs, chunk_targets in chunks:
+                chunk_loss = case.loss_fn(model(*chunk_inputs), chunk_targets) / microbatches
+                chunk_loss.backward()
+                loss += chunk_loss.detach()
+        elif precision == "fp32":
             loss = case.loss_fn(model(*inputs), targets)
             loss.backward()
         elif precision == "bf16":

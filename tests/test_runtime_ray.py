@@ -43,7 +43,9 @@ def ray_session() -> Iterator[None]:
         yield
 
 
-def _train(name, plan, workers, optimizer_fn, *, meta=False, steps=STEPS, plan_arg=None):
+def _train(
+    name, plan, workers, optimizer_fn, *, meta=False, steps=STEPS, plan_arg=None, accumulate=False
+):
     case = build_case(name, steps, meta=meta)
     inputs, targets = case.batches[0]
     with hap.compile_parallel(
@@ -59,7 +61,10 @@ def _train(name, plan, workers, optimizer_fn, *, meta=False, steps=STEPS, plan_a
         losses = [exe.train_step(x, y) for x, y in case.batches]
         state = exe.state_dict()
         used_plan = exe.plan
-    reference = reference_run(build_case(name, steps, meta=meta), optimizer_fn)
+    microbatches = used_plan.num_microbatches if accumulate else 1
+    reference = reference_run(
+        build_case(name, steps, meta=meta), optimizer_fn, microbatches=microbatches
+    )
     return losses, state, reference, used_plan
 
 
@@ -100,6 +105,20 @@ def test_mlp_stages_on_2x2_meshes_data_and_tensor_parallel_gpipe_on_eight_worker
     assert plan.stages[1].param_placements["blocks.3.0.weight"] == ("R", "S(1)")
     losses, state, reference, _ = _train("mlp", plan, 8, sgd, steps=2)
     assert compare(losses, state, reference) == {}
+
+
+@pytest.mark.timeout(300)
+def test_batch_norm_cnn_trains_like_gradient_accumulation_over_the_micro_batches():
+    """Batch norm normalises each micro-batch by its own statistics, over the whole
+    micro-batch on a data-parallel stage too, and updates the running statistics once per
+    micro-batch: one process accumulating gradients over the same chunks is the reference,
+    running means, variances and batch counters included."""
+    plan = plan_for("cnn", 4, tp=1, pp=2, dp=2)
+    assert plan.num_microbatches == 4 and [s.logical_mesh for s in plan.stages] == [(2, 1)] * 2
+    losses, state, reference, _ = _train("cnn", plan, 4, sgd, accumulate=True)
+    assert compare(losses, state, reference) == {}
+    batch_counters = [key for key in state if key.endswith("num_batches_tracked")]
+    assert batch_counters and all(state[key] == 4 * STEPS for key in batch_counters)
 
 
 @pytest.mark.timeout(300)
