@@ -2,8 +2,9 @@
 
 The planner (Alpa's stage DP over the intra-op ILP) picks pipeline stages, their submeshes and
 shardings for the model on the cluster; the plan is printed; then ``compile_parallel`` starts
-one Ray actor per device and trains for ``--steps`` optimizer steps, with a progress bar that
-shows the loss. The data is a learnable synthetic task: each sequence counts up from a random
+one Ray actor per device and trains for ``--steps`` AdamW steps (linear warm-up over
+``--warmup`` steps, then cosine decay to a tenth of ``--lr``; gradients clipped to
+``--max-grad-norm``), with a progress bar that shows the loss and the gradient norm. The data is a learnable synthetic task: each sequence counts up from a random
 token (``t, t+1, t+2, ...`` modulo the vocabulary), so the loss falls from about
 ``ln(vocab)`` towards zero as the model learns the successor of every token.
 
@@ -57,7 +58,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--global-batch", type=int, default=16, help="sequences per step")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="steps of linear learning-rate warm-up (default 3)"
+    )
+    parser.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=1.0,
+        help="clip gradients to this global L2 norm (default 1.0; 0 does not clip)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
     parser.add_argument(
         "--precision",
@@ -71,7 +81,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.global_batch < 1:
         parser.error("--steps and --global-batch must be positive")
+    if args.warmup < 0 or args.max_grad_norm < 0:
+        parser.error("--warmup and --max-grad-norm must not be negative")
     return args
+
+
+def warmup_cosine_factor(step: int, warmup: int, total: int) -> float:
+    """The learning rate of optimizer step ``step`` (from 0) over the peak: ``(step+1)/warmup``
+    during the warm-up, then a cosine from 1 down to 0.1 at the last of ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - 1 - warmup)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def cluster_of(text: str) -> Any:
@@ -140,13 +161,23 @@ def train(args: argparse.Namespace, console: Console) -> tuple[float, float]:
             plan=plan,
             init_seed=args.seed,
             precision=args.precision,
+            max_grad_norm=args.max_grad_norm or None,
+            lr_scheduler_fn=functools.partial(
+                torch.optim.lr_scheduler.LambdaLR,
+                lr_lambda=functools.partial(
+                    warmup_cosine_factor, warmup=args.warmup, total=args.steps
+                ),
+            ),
         )
     losses: list[float] = []
     with executable, _progress(console) as progress:
-        task = progress.add_task("training", total=args.steps, loss=float("nan"))
+        task = progress.add_task("training", total=args.steps, loss=math.nan, norm=math.nan)
         for step_inputs, step_targets in batches:
             losses.append(executable.train_step((step_inputs,), step_targets))
-            progress.update(task, advance=1, loss=losses[-1])
+            norm = executable.last_grad_norm
+            progress.update(
+                task, advance=1, loss=losses[-1], norm=math.nan if norm is None else norm
+            )
     return losses[0], losses[-1]
 
 
@@ -156,6 +187,7 @@ def _progress(console: Console) -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("grad norm {task.fields[norm]:.3f}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,

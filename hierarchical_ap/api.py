@@ -29,7 +29,14 @@ from hierarchical_ap.graph import OpGraph, capture
 from hierarchical_ap.plan import ParallelPlan
 from runtime.executable import ParallelExecutable
 from runtime.precision import cast_floating, compute_dtype, policy_for
-from runtime.worker import OptimizerFn, is_on_meta, meta_copy, model_leaves, to_meta
+from runtime.worker import (
+    LRSchedulerFn,
+    OptimizerFn,
+    is_on_meta,
+    meta_copy,
+    model_leaves,
+    to_meta,
+)
 
 __all__ = ["ParallelExecutable", "compile_parallel", "manual_plan", "search_plan"]
 
@@ -163,6 +170,8 @@ def compile_parallel(
     plan: PlanSource = None,
     precision: str = "fp32",
     init_seed: int = 0,
+    max_grad_norm: float | None = None,
+    lr_scheduler_fn: LRSchedulerFn | None = None,
     timeout_s: float = 60.0,
 ) -> ParallelExecutable:
     """Plan (unless ``plan`` is given) and start training ``model`` on ``cluster``.
@@ -171,6 +180,13 @@ def compile_parallel(
     ``targets`` what ``loss_fn(model(*inputs), targets)`` takes (omit ``loss_fn`` when the
     model returns a scalar loss), ``optimizer_fn(params)`` builds the optimizer on each
     worker's parameter shards.
+
+    Each ``train_step`` is one process's ``zero_grad``, forward and backward, then, with
+    ``max_grad_norm``, ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)``
+    over the whole model (``ParallelExecutable.last_grad_norm`` is the norm it returned), then
+    ``optimizer.step()`` and, with ``lr_scheduler_fn``, ``scheduler.step()`` of the schedule
+    ``lr_scheduler_fn(optimizer)`` built on every worker (any ``torch.optim.lr_scheduler``
+    stepped once per optimizer step; checkpoints carry its state).
 
     Initial weights. A model with real weights is sharded from those weights. A model on the
     meta device is initialised on the workers, shard by shard: each worker allocates only the
@@ -226,5 +242,7 @@ def compile_parallel(
         loss_fn,
         optimizer_fn,
         init_seed=init_seed,
+        max_grad_norm=max_grad_norm,
+        lr_scheduler_fn=lr_scheduler_fn,
         timeout_s=timeout_s,
     )

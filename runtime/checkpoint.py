@@ -7,8 +7,10 @@ A checkpoint is a directory that holds
   buffer at its ``model.state_dict()`` key (a tied parameter at its first name), an optimizer
   state entry at ``optimizer/<key>/<state name>`` (Adam's ``exp_avg`` and ``exp_avg_sq`` are
   DTensors in their parameter's placement, its ``step`` a scalar);
+  The learning-rate schedule's ``state_dict`` (the same on every worker) is one more entry,
+  ``lr_scheduler``, saved by rank 0 as bytes (``scheduler_entry``);
 * ``hap_checkpoint.json``: the step count, the model's fingerprint and tensor list, the plan's
-  fingerprint and the optimizer's class.
+  fingerprint, the optimizer's class and the schedule's class (``null``: none).
 
 Because DCP records each shard by its offset in the full tensor, loading into an executable of
 another plan or number of workers reshards: every worker reads the pieces of the saved shards
@@ -25,6 +27,7 @@ they share.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -49,6 +52,7 @@ FORMAT = "hierarchical-ap checkpoint"
 FORMAT_VERSION = 1
 METADATA_FILE = "hap_checkpoint.json"
 OPTIMIZER_PREFIX = "optimizer/"
+LR_SCHEDULER_KEY = "lr_scheduler"
 
 TensorListing = dict[str, tuple[tuple[int, ...], str]]
 """State key → (shape, dtype name) of a model's full tensors."""
@@ -68,6 +72,8 @@ class CheckpointMetadata:
     tensors: TensorListing
     optimizer: str
     workers: int
+    lr_scheduler: str | None = None
+    """The learning-rate schedule's class; ``None``: trained without one."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,6 +86,7 @@ class CheckpointMetadata:
             "tensors": {k: {"shape": list(s), "dtype": d} for k, (s, d) in self.tensors.items()},
             "optimizer": self.optimizer,
             "workers": self.workers,
+            "lr_scheduler": self.lr_scheduler,
         }
 
     @classmethod
@@ -102,11 +109,16 @@ class CheckpointMetadata:
                 },
                 optimizer=str(data["optimizer"]),
                 workers=int(data["workers"]),
+                lr_scheduler=_optional_str(data.get("lr_scheduler")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(
                 f"{where} is damaged ({type(exc).__name__}: {exc}); use another checkpoint"
             ) from exc
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def plan_fingerprint(plan: ParallelPlan) -> str:
@@ -145,11 +157,13 @@ def check_compatible(
     model_fingerprint: str,
     tensors: TensorListing,
     optimizer: str,
+    lr_scheduler: str | None,
     where: Path,
 ) -> None:
     """Raise ``CheckpointError`` unless the checkpoint was saved from the same model (same
-    parameter and buffer keys, shapes and dtypes) trained with the same optimizer class; the
-    plan and the number of workers may differ."""
+    parameter and buffer keys, shapes and dtypes) trained with the same optimizer class, and
+    with the same learning-rate schedule class if it was saved with one (a schedule may start
+    on a checkpoint saved without one); the plan and the number of workers may differ."""
     if saved.model_fingerprint != model_fingerprint or saved.tensors != tensors:
         raise CheckpointError(
             f"the checkpoint at {where} was saved from another model ({saved.model!r}, "
@@ -162,6 +176,13 @@ def check_compatible(
             f"the checkpoint at {where} holds {saved.optimizer} state but this executable's "
             f"optimizer is a {optimizer}; compile with an optimizer_fn that builds a "
             f"{saved.optimizer}"
+        )
+    if saved.lr_scheduler is not None and saved.lr_scheduler != lr_scheduler:
+        have = "none" if lr_scheduler is None else f"a {lr_scheduler}"
+        raise CheckpointError(
+            f"the checkpoint at {where} holds the state of a {saved.lr_scheduler} learning-rate "
+            f"schedule but this executable has {have}; compile with an lr_scheduler_fn that "
+            f"builds a {saved.lr_scheduler}"
         )
 
 
@@ -239,6 +260,23 @@ def optimizer_entries(states: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]
         for name, value in state.items()
         if value is not None
     }
+
+
+def scheduler_entry(scheduler: torch.optim.lr_scheduler.LRScheduler) -> bytes:
+    """The ``LR_SCHEDULER_KEY`` entry: the schedule's ``state_dict`` serialised by
+    ``torch.save`` (bytes, so that DCP stores it as one value whatever it holds)."""
+    buffer = io.BytesIO()
+    torch.save(scheduler.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def load_scheduler_entry(scheduler: torch.optim.lr_scheduler.LRScheduler, entry: bytes) -> None:
+    """Restore ``scheduler`` from its ``scheduler_entry``, and its optimizer's learning rates
+    to the schedule's last ones (schedules such as ``CosineAnnealingLR`` compute the next rate
+    from the current one, which the optimizer state does not carry)."""
+    scheduler.load_state_dict(torch.load(io.BytesIO(entry), weights_only=False))
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
 
 
 def saved_entries(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from runtime import checkpoint
 from runtime.actors import ensure_ray, start_actors, stop_actors
 from runtime.precision import policy_for
 from runtime.step_trace import TimedOp
-from runtime.worker import OptimizerFn, TrainingProgram, model_leaves
+from runtime.worker import LRSchedulerFn, OptimizerFn, TrainingProgram, model_leaves
 
 logger = logging.getLogger(__name__)
 
@@ -96,14 +96,24 @@ class ParallelExecutable:
         optimizer_fn: OptimizerFn,
         *,
         init_seed: int = 0,
+        max_grad_norm: float | None = None,
+        lr_scheduler_fn: LRSchedulerFn | None = None,
         timeout_s: float = 60.0,
     ) -> ParallelExecutable:
         """Start the actors and build every stage (see ``runtime.worker``): a model with real
         weights is sharded from them; a meta-device model is initialised on the workers, each
         its own shards, with the weights of ``init_module_weights(model, init_seed)``
-        (``hierarchical_ap.models.materialize``). Raises ``UnsupportedPrecisionError`` for a
-        plan in a precision the runtime cannot train in."""
+        (``hierarchical_ap.models.materialize``). ``max_grad_norm`` clips the gradients by
+        their global L2 norm before every optimizer step; ``lr_scheduler_fn(optimizer)`` builds
+        a learning-rate schedule on every worker, stepped after each optimizer step. Raises
+        ``UnsupportedPrecisionError`` for a plan in a precision the runtime cannot train in,
+        ``ValueError`` for a ``max_grad_norm`` that is not positive."""
         policy_for(plan.precision)
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(
+                f"max_grad_norm must be a positive number, got {max_grad_norm!r}; pass None "
+                "not to clip"
+            )
         _check_batch(
             model_leaves(example_inputs), pytree.tree_leaves(targets), plan.num_microbatches
         )
@@ -125,6 +135,8 @@ class ParallelExecutable:
                 loss_fn=loss_fn,
                 optimizer_fn=optimizer_fn,
                 init_seed=init_seed,
+                max_grad_norm=max_grad_norm,
+                lr_scheduler_fn=lr_scheduler_fn,
             )
             program_ref = ray.put(program)
             executable = cls(
@@ -163,6 +175,14 @@ class ParallelExecutable:
         losses = next(r for r in results if r is not None)
         return float(sum(losses) / len(losses))
 
+    @property
+    def last_grad_norm(self) -> float | None:
+        """The global L2 norm of the last step's gradients before clipping (what
+        ``torch.nn.utils.clip_grad_norm_`` returns); ``None`` when compiled without
+        ``max_grad_norm`` or before the first step."""
+        self._check_usable()
+        return self._wait([self.workers[0].grad_norm.remote()], self._timeout_s)[0]
+
     def last_step_trace(self) -> list[tuple[TimedOp, ...]]:
         """The measured timeline of the last ``train_step`` on every worker, in rank order
         (``runtime.step_trace``; empty before the first step)."""
@@ -181,7 +201,8 @@ class ParallelExecutable:
 
     def save_checkpoint(self, path: str | os.PathLike[str]) -> Path:
         """Write the sharded parameters, persistent buffers and optimizer state (DCP, each
-        worker its own shards) and the step count to the directory ``path``, replacing an older
+        worker its own shards), the learning-rate schedule's state and the step count to the
+        directory ``path``, replacing an older
         checkpoint there; nothing is left at ``path`` if the save fails. Returns the path."""
         self._check_usable()
         staging = checkpoint.staging_directory(path)
@@ -198,16 +219,18 @@ class ParallelExecutable:
                 tensors=self._tensors,
                 optimizer=self._optimizer_class(),
                 workers=len(self.workers),
+                lr_scheduler=self._roles[0]["lr_scheduler"],
             )
             return checkpoint.publish(staging, path, metadata)
         finally:
             checkpoint.discard(staging)
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
-        """Restore parameters, persistent buffers, optimizer state and ``steps`` from a
+        """Restore parameters, persistent buffers, optimizer state, the learning-rate
+        schedule's state (when both it and this executable have one) and ``steps`` from a
         ``save_checkpoint`` directory, saved with any plan and number of workers. Raises
         ``CheckpointError`` (before any worker loads) when ``path`` holds no checkpoint or one
-        of another model or optimizer."""
+        of another model, optimizer or learning-rate schedule."""
         self._check_usable()
         directory = Path(path).absolute()
         saved = checkpoint.read_metadata(directory)
@@ -216,6 +239,7 @@ class ParallelExecutable:
             model_fingerprint=self._master_fingerprint,
             tensors=self._tensors,
             optimizer=self._optimizer_class(),
+            lr_scheduler=self._roles[0]["lr_scheduler"],
             where=directory,
         )
         self._wait(

@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor
 from intra_op.apply import shard_as_dtensor
 
 OptimizerFn = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+LRSchedulerFn = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 #: torch.optim classes that update each element from that element alone (module docstring).

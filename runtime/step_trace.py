@@ -8,7 +8,8 @@ close the step, on its own ``time.perf_counter`` clock, relative to the moment i
   receive posted earlier —, ``send_*`` — posting —, ``free``);
 * ``WAIT_SENDS``: waiting for the step's posted sends to complete;
 * ``SYNC_SHARED``: summing the gradients of parameters several stages read;
-* ``OPTIMIZER``: the optimizer step on the worker's shards.
+* ``CLIP_GRADIENTS``: clipping by the global gradient norm (about nothing when not asked for);
+* ``OPTIMIZER``: the optimizer step on the worker's shards (and the learning-rate schedule's).
 
 The closing phases carry ``stage = microbatch = -1``. Clocks of different workers are not
 aligned (each starts at its own call), so a trace compares durations, not instants, across
@@ -26,8 +27,9 @@ from hierarchical_ap.schedules import BACKWARD, FORWARD
 
 WAIT_SENDS = "wait_sends"
 SYNC_SHARED = "sync_shared_gradients"
+CLIP_GRADIENTS = "clip_gradients"
 OPTIMIZER = "optimizer_step"
-CLOSING_PHASES = (WAIT_SENDS, SYNC_SHARED, OPTIMIZER)
+CLOSING_PHASES = (WAIT_SENDS, SYNC_SHARED, CLIP_GRADIENTS, OPTIMIZER)
 
 
 @dataclass(frozen=True, slots=True)

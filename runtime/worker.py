@@ -22,15 +22,17 @@ it on bare gloo processes). Its life:
    bf16);
 3. ``train_step``: run the list over the global batch's micro-batches, then synchronise the
    gradients of parameters shared between stages (sum of the stages' full gradients, stored
-   back in each copy's placement), then step the optimizer on every shard. Data-parallel
+   back in each copy's placement), clip them by their global norm if asked
+   (``runtime.grad_clip``: one all-reduce of a scalar over all workers), then step the
+   optimizer on every shard, and the learning-rate schedule after it. Data-parallel
    gradient reduction inside a stage runs once per step, when the stage's last backward
    closes its step (``ShardedProgram.close_step``: the micro-batches' partial gradients are
    summed locally and all-reduced in buckets; ``intra_op.gradient_sync``), while a
    parameter stored sharded over the data axis has its gradient reduce-scattered in every
    backward.
 4. ``save_checkpoint`` / ``load_checkpoint``: DCP save of the shards it owns (parameters,
-   persistent buffers, optimizer state) or load of the shards it holds, resharded
-   (``runtime.checkpoint``).
+   persistent buffers, optimizer state; rank 0 adds the learning-rate schedule's state) or
+   load of the shards it holds, resharded (``runtime.checkpoint``).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from hierarchical_ap.graph import OpGraph, capture
 from hierarchical_ap.models.materialize import InitReport, init_held, meta_copy
 from hierarchical_ap.plan import ParallelPlan, PlanStage
 from hierarchical_ap.schedules import BACKWARD, FORWARD, build_schedule
-from runtime import boundary, checkpoint
+from runtime import boundary, checkpoint, grad_clip
 from runtime.instructions import (
     FREE,
     RECV_ACTIVATION,
@@ -68,11 +70,11 @@ from runtime.instructions import (
     build_instructions,
     receive_posting,
 )
-from runtime.optimizer import OptimizerFn, ShardOptimizer
+from runtime.optimizer import LRSchedulerFn, OptimizerFn, ShardOptimizer
 from runtime.precision import PrecisionPolicy, master_fingerprint, policy_for
 from runtime.stage_graph import slice_stages
 from runtime.stage_program import StageProgram, batch_placements, full_parameters
-from runtime.step_trace import OPTIMIZER, SYNC_SHARED, WAIT_SENDS, TimedOp
+from runtime.step_trace import CLIP_GRADIENTS, OPTIMIZER, SYNC_SHARED, WAIT_SENDS, TimedOp
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,10 @@ class TrainingProgram:
     loss_fn: Callable[..., torch.Tensor] | None
     optimizer_fn: OptimizerFn
     init_seed: int = 0
+    max_grad_norm: float | None = None
+    """Clip the gradients to this global L2 norm before each optimizer step (``None``: not)."""
+    lr_scheduler_fn: LRSchedulerFn | None = None
+    """Builds the learning-rate schedule over the worker's optimizer; stepped after it."""
 
 
 def _wait_all(transfers: Iterable[boundary.PendingTransfer]) -> None:
@@ -200,6 +206,14 @@ class PipelineWorker:
         ] = {}
         self._axis_groups = {axis: self.mesh.get_group(axis) for axis in range(self.mesh.ndim)}
         self.optimizer = ShardOptimizer(program.optimizer_fn, self._unique_parameters())
+        self.max_grad_norm = program.max_grad_norm
+        self.last_grad_norm: float | None = None
+        """N of the last step's clipping (``runtime.grad_clip``), before clipping."""
+        self.lr_scheduler = (
+            None
+            if program.lr_scheduler_fn is None
+            else program.lr_scheduler_fn(self.optimizer.optimizer)
+        )
         tasks = build_schedule(plan.schedule, p, plan.num_microbatches, plan.virtual_stages)
         self.instructions: list[Instruction] = build_instructions(tasks, layout)[self.rank]
         self.receive_posting = receive_posting(self.instructions)
@@ -210,6 +224,7 @@ class PipelineWorker:
             "targets": bool(reads & set(self.graph.target_inputs)),
             "reports_loss": self._reports_loss(),
             "master_fingerprint": master_fingerprint(self.graph, self.policy),
+            "lr_scheduler": None if self.lr_scheduler is None else type(self.lr_scheduler).__name__,
         }
 
     def _capture(self, program: TrainingProgram, rows: int | None = None) -> OpGraph:
@@ -384,7 +399,8 @@ class PipelineWorker:
         for phase, run in (
             (WAIT_SENDS, lambda: _wait_all(pending)),
             (SYNC_SHARED, self._sync_shared_gradients),
-            (OPTIMIZER, self.optimizer.step),
+            (CLIP_GRADIENTS, self._clip_gradients),
+            (OPTIMIZER, self._optimizer_step),
         ):
             started = clock() - began
             run()
@@ -397,6 +413,40 @@ class PipelineWorker:
     def step_trace(self) -> tuple[TimedOp, ...]:
         """``last_step_trace`` (a method, so a Ray actor can return it)."""
         return self.last_step_trace
+
+    def grad_norm(self) -> float | None:
+        """``last_grad_norm`` (a method, so a Ray actor can return it)."""
+        return self.last_grad_norm
+
+    def _clip_gradients(self) -> None:
+        """Clip every gradient this worker holds by the model's global norm (see
+        ``runtime.grad_clip``): each parameter's pieces count once, a parameter several stages
+        read in its first stage's copy only."""
+        if self.max_grad_norm is None:
+            return
+        first_reader = {fqn: stages[0] for fqn, stages, _ in self.shared}
+        coordinate = self.mesh.get_coordinate()
+        counted, held = [], []
+        seen: set[int] = set()
+        for s, program in sorted(self.programs.items()):
+            for fqn, param in program.parameters_by_fqn().items():
+                grad = param.grad
+                if grad is None or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                piece = grad_clip.local_piece(grad)
+                held.append(piece)
+                placements = grad.placements if isinstance(grad, DTensor) else param.placements
+                if first_reader.get(fqn, s) == s and grad_clip.counts_on(placements, coordinate):
+                    counted.append(piece)
+        self.last_grad_norm = grad_clip.clip_by_global_norm(
+            counted, held, self.max_grad_norm, self.device
+        )
+
+    def _optimizer_step(self) -> None:
+        self.optimizer.step()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
 
     def _microbatch_inputs(
         self, inputs: Any, targets: Any, num_microbatches: int
@@ -572,18 +622,27 @@ class PipelineWorker:
                 {fqn: self.optimizer.state_of(p) for fqn, p in params.items() if fqn in owned}
             )
         )
+        if self.lr_scheduler is not None and self.rank == 0:
+            state[checkpoint.LR_SCHEDULER_KEY] = checkpoint.scheduler_entry(self.lr_scheduler)
         checkpoint.save_shards(state, Path(directory))
 
     def load_checkpoint(self, directory: str) -> None:
-        """Load every tensor this worker holds, and the optimizer state of its parameters,
-        from the DCP checkpoint in ``directory``, resharded to this plan's placements."""
+        """Load every tensor this worker holds, the optimizer state of its parameters and the
+        learning-rate schedule's state (if both the checkpoint and this worker have one) from
+        the DCP checkpoint in ``directory``, resharded to this plan's placements."""
         held, _ = self._held_state()
         params = self._first_parameter_copies()
-        templates = checkpoint.optimizer_templates(checkpoint.saved_entries(directory), params)
+        saved = checkpoint.saved_entries(directory)
+        templates = checkpoint.optimizer_templates(saved, params)
         state: dict[str, Any] = {key: copies[0].detach() for key, copies in held.items()}
         for fqn, entries in templates.items():
             state.update({checkpoint.optimizer_key(fqn, n): v for n, v in entries.items()})
+        schedule = self.lr_scheduler is not None and checkpoint.LR_SCHEDULER_KEY in saved
+        if schedule:
+            state[checkpoint.LR_SCHEDULER_KEY] = None
         checkpoint.load_shards(state, Path(directory))
+        if schedule:
+            checkpoint.load_scheduler_entry(self.lr_scheduler, state[checkpoint.LR_SCHEDULER_KEY])
         for copies in held.values():
             for other in copies[1:]:
                 checkpoint.copy_into(other, copies[0])

@@ -118,6 +118,16 @@ def adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-2, eps=1e-6)
 
 
+def warmup_then_cosine(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """Two steps of linear warm-up from a quarter of the rate, then cosine annealing: a
+    schedule whose rates follow from the current one (``CosineAnnealingLR``'s recursive form)
+    and that switches schedules on a milestone."""
+    schedules = torch.optim.lr_scheduler
+    warmup = schedules.LinearLR(optimizer, start_factor=0.25, total_iters=2)
+    cosine = schedules.CosineAnnealingLR(optimizer, T_max=4)
+    return schedules.SequentialLR(optimizer, [warmup, cosine], milestones=[2])
+
+
 @dataclass
 class Case:
     """A model (real weights, or meta: ``compile_parallel`` initialises it on the workers with
@@ -197,6 +207,9 @@ def reference_run(
     precision: str = "fp32",
     device: str | torch.device = "cpu",
     microbatches: int = 1,
+    max_grad_norm: float | None = None,
+    lr_scheduler_fn: Callable[[torch.optim.Optimizer], Any] | None = None,
+    grad_norms: list[float] | None = None,
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Losses of each step and the final state dict (on the CPU), trained in this process on
     ``device`` (the model and the batches are moved there).
@@ -205,6 +218,10 @@ def reference_run(
     each chunk's loss divided by their number (the step's loss is the sum of those), the way
     a training loop with gradient accumulation does; a model whose forward depends on the
     whole batch (batch norm) needs it to match a pipelined run.
+
+    ``max_grad_norm`` clips with ``torch.nn.utils.clip_grad_norm_(model.parameters(), ·)``
+    before each step (the norms it returns are appended to ``grad_norms``), and
+    ``lr_scheduler_fn(optimizer)``'s schedule steps after each optimizer step.
 
     ``precision="bf16"`` is mixed precision done by hand, the way torch's own recipes do it
     (independent of the runtime's code): the model is the fp32 master the optimizer steps;
@@ -221,6 +238,7 @@ def reference_run(
         init_module_weights(model, seed=0)
     model.to(device)
     optimizer = optimizer_fn(list(model.parameters()))
+    scheduler = None if lr_scheduler_fn is None else lr_scheduler_fn(optimizer)
     losses = []
     for inputs, targets in case.batches:
         inputs, targets = [x.to(device) for x in inputs], targets.to(device)
@@ -246,7 +264,13 @@ def reference_run(
                 master.grad = None if copied.grad is None else copied.grad.float()
         else:
             raise ValueError(f"no reference for precision {precision!r}")
+        if max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            if grad_norms is not None:
+                grad_norms.append(norm.item())
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         losses.append(loss.item())
     return losses, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 

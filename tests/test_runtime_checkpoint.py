@@ -12,6 +12,7 @@ refused with ``CheckpointError`` before any worker loads.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import threading
@@ -38,6 +39,7 @@ from tests.runtime_cases import (
     megatron,
     plan_for,
     reference_run,
+    warmup_then_cosine,
 )
 
 LOGICAL_CPUS = 6  # the 2-worker executable the module shares, and one of 4 beside it
@@ -56,7 +58,7 @@ def reference(ray_session: None) -> tuple[list[float], dict[str, torch.Tensor]]:
     return reference_run(build_case("gpt", STEPS), adamw)
 
 
-def _compile(plan, workers: int, name: str = "gpt"):
+def _compile(plan, workers: int, name: str = "gpt", **training):
     case = build_case(name, STEPS)
     inputs, targets = case.batches[0]
     exe = hap.compile_parallel(
@@ -67,6 +69,7 @@ def _compile(plan, workers: int, name: str = "gpt"):
         loss_fn=case.loss_fn,
         optimizer_fn=adamw,
         plan=plan,
+        **training,
     )
     return exe, case.batches
 
@@ -106,6 +109,37 @@ def test_round_trip_from_tensor_parallel_stages_on_4_workers_to_another_plan_on_
     assert exe.steps == saved_at
     losses += [exe.train_step(x, y) for x, y in batches[saved_at:]]
     assert compare(losses, exe.state_dict(), reference) == {}
+
+
+@pytest.mark.timeout(240)
+def test_a_learning_rate_schedule_and_clipping_resume_exactly_under_another_plan(
+    tmp_path, ray_session, gpt_on_two_workers
+):
+    """Saved after the warm-up, where the schedule has switched to cosine annealing (whose
+    next rate follows from the current one), and resumed on 2 workers: the same losses and
+    parameters as one uninterrupted process. An executable without a schedule refuses it."""
+    training = {"max_grad_norm": 0.2, "lr_scheduler_fn": warmup_then_cosine}
+    reference = reference_run(build_case("gpt", STEPS), adamw, **training)
+    saved_at = 2
+    exe, batches = _compile(
+        megatron(plan_for("gpt", 4, tp=2, pp=2, dp=1, micro_batch_size=2)), 4, **training
+    )
+    with exe:
+        losses = [exe.train_step(x, y) for x, y in batches[:saved_at]]
+        path = exe.save_checkpoint(tmp_path / "ckpt")
+    metadata = json.loads((path / checkpoint.METADATA_FILE).read_text())
+    assert metadata["lr_scheduler"] == "SequentialLR"
+
+    unscheduled, _ = gpt_on_two_workers
+    with pytest.raises(CheckpointError, match="SequentialLR learning-rate schedule .* has none"):
+        unscheduled.load_checkpoint(path)
+
+    resumed, _ = _compile(_two_stages_on_two_workers(), 2, **training)
+    with resumed:
+        resumed.load_checkpoint(path)
+        losses += [resumed.train_step(x, y) for x, y in batches[saved_at:]]
+        state = resumed.state_dict()
+    assert compare(losses, state, reference) == {}
 
 
 @pytest.mark.timeout(300)
@@ -226,18 +260,27 @@ def test_compatibility_names_what_differs():
         workers=4,
     )
     same = {"a": ((4,), "float32"), "b": ((2, 2), "float32")}
+    compatible = {"model_fingerprint": "aaa", "tensors": same, "where": Path("x")}
+    checkpoint.check_compatible(saved, optimizer="AdamW", lr_scheduler=None, **compatible)
+    # a schedule may start on a checkpoint saved without one
+    checkpoint.check_compatible(saved, optimizer="AdamW", lr_scheduler="LambdaLR", **compatible)
+    scheduled = dataclasses.replace(saved, lr_scheduler="CosineAnnealingLR")
     checkpoint.check_compatible(
-        saved, model_fingerprint="aaa", tensors=same, optimizer="AdamW", where=Path("x")
+        scheduled, optimizer="AdamW", lr_scheduler="CosineAnnealingLR", **compatible
     )
+    for other, have in ((None, "has none"), ("LambdaLR", "has a LambdaLR")):
+        with pytest.raises(CheckpointError, match=f"CosineAnnealingLR learning-rate .* {have}"):
+            checkpoint.check_compatible(
+                scheduled, optimizer="AdamW", lr_scheduler=other, **compatible
+            )
     with pytest.raises(CheckpointError, match=r"'b' is \[2, 2\] float32 there, \[2, 3\]"):
         checkpoint.check_compatible(
             saved,
             model_fingerprint="bbb",
             tensors={"a": ((4,), "float32"), "b": ((2, 3), "float32")},
             optimizer="AdamW",
+            lr_scheduler=None,
             where=Path("x"),
         )
     with pytest.raises(CheckpointError, match="holds AdamW state but .* SGD"):
-        checkpoint.check_compatible(
-            saved, model_fingerprint="aaa", tensors=same, optimizer="SGD", where=Path("x")
-        )
+        checkpoint.check_compatible(saved, optimizer="SGD", lr_scheduler=None, **compatible)

@@ -31,6 +31,7 @@ from tests.runtime_cases import (
     plan_for,
     reference_run,
     sgd,
+    warmup_then_cosine,
 )
 
 LOGICAL_CPUS = 8
@@ -44,10 +45,24 @@ def ray_session() -> Iterator[None]:
 
 
 def _train(
-    name, plan, workers, optimizer_fn, *, meta=False, steps=STEPS, plan_arg=None, accumulate=False
+    name,
+    plan,
+    workers,
+    optimizer_fn,
+    *,
+    meta=False,
+    steps=STEPS,
+    plan_arg=None,
+    accumulate=False,
+    grad_norms=None,
+    **training,
 ):
+    """Train ``name`` under ``plan`` and in one process; ``training`` (``max_grad_norm``,
+    ``lr_scheduler_fn``) goes to both, and ``grad_norms``, when given, receives a pair
+    (parallel, reference) of per-step gradient norms."""
     case = build_case(name, steps, meta=meta)
     inputs, targets = case.batches[0]
+    norms = []
     with hap.compile_parallel(
         case.model,
         hap.Cluster.local_cpu(workers),
@@ -56,15 +71,26 @@ def _train(
         loss_fn=case.loss_fn,
         optimizer_fn=optimizer_fn,
         plan=plan if plan_arg is None else plan_arg,
+        **training,
     ) as exe:
         assert len(exe.workers) == workers
-        losses = [exe.train_step(x, y) for x, y in case.batches]
+        losses = []
+        for x, y in case.batches:
+            losses.append(exe.train_step(x, y))
+            norms.append(exe.last_grad_norm)
         state = exe.state_dict()
         used_plan = exe.plan
     microbatches = used_plan.num_microbatches if accumulate else 1
+    reference_norms: list[float] = []
     reference = reference_run(
-        build_case(name, steps, meta=meta), optimizer_fn, microbatches=microbatches
+        build_case(name, steps, meta=meta),
+        optimizer_fn,
+        microbatches=microbatches,
+        grad_norms=reference_norms,
+        **training,
     )
+    if grad_norms is not None:
+        grad_norms.extend([norms, reference_norms])
     return losses, state, reference, used_plan
 
 
@@ -119,6 +145,38 @@ def test_batch_norm_cnn_trains_like_gradient_accumulation_over_the_micro_batches
     assert compare(losses, state, reference) == {}
     batch_counters = [key for key in state if key.endswith("num_batches_tracked")]
     assert batch_counters and all(state[key] == 4 * STEPS for key in batch_counters)
+
+
+CLIPPED_PLANS = {
+    "gpt-tp2-pp2-tied-embedding": lambda: megatron(
+        plan_for("gpt", 4, tp=2, pp=2, dp=1, micro_batch_size=2)
+    ),
+    "llama-pp2-dp2": lambda: plan_for("llama", 4, tp=1, pp=2, dp=2),
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("plan_name", sorted(CLIPPED_PLANS))
+def test_clipping_by_the_global_norm_and_a_learning_rate_schedule_match_one_process(plan_name):
+    """``clip_grad_norm_`` over the whole model and a warm-up + cosine schedule in one process
+    are the reference: the same losses, parameters and per-step gradient norms, with a bound
+    low enough that every step clips (the norm counts sharded, replicated and tied gradients
+    once each)."""
+    max_norm = 0.2
+    norms: list[list[float]] = []
+    losses, state, reference, _ = _train(
+        plan_name.split("-")[0],
+        CLIPPED_PLANS[plan_name](),
+        4,
+        adamw,
+        max_grad_norm=max_norm,
+        lr_scheduler_fn=warmup_then_cosine,
+        grad_norms=norms,
+    )
+    parallel_norms, reference_norms = norms
+    assert min(reference_norms) > 2 * max_norm
+    assert parallel_norms == pytest.approx(reference_norms, rel=1e-5)
+    assert compare(losses, state, reference) == {}
 
 
 @pytest.mark.timeout(300)
