@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
+from torch.export.graph_signature import InputKind
 
 from hierarchical_ap.errors import CaptureError
 from hierarchical_ap.profile import NodeProfile, SymbolicProfiler, TensorMeta
@@ -300,6 +301,7 @@ def capture(
     num_model_inputs = len(pytree.tree_leaves((args, kwargs)))
     _inline_region_wrappers(exported.graph_module)
     _remove_identity_dropout(exported.graph_module)
+    _detach_constants_out_of_place(exported)
     if loss_fn is not None:
         _check_scalar_loss(exported)
     builder = _GraphBuilder(
@@ -382,6 +384,31 @@ def _remove_identity_dropout(module: fx.GraphModule) -> None:
             if probability == 0:
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
+    module.recompile()
+
+
+def _detach_constants_out_of_place(exported: torch.export.ExportedProgram) -> None:
+    """Make ``aten.detach_`` of a lifted tensor constant an out-of-place ``aten.detach``.
+
+    transformers' key/value cache starts from ``torch.tensor([])`` constants that the graph
+    detaches in place. The runtime hands a constant to the graph as a view (a DTensor's local
+    tensor), which ``detach_`` refuses; a constant never requires a gradient, so the
+    out-of-place detach returns the same value.
+    """
+    constants = {
+        spec.arg.name
+        for spec in exported.graph_signature.input_specs
+        if spec.kind is InputKind.CONSTANT_TENSOR
+    }
+    module = exported.graph_module
+    for node in module.graph.nodes:
+        if (
+            node.op == "call_function"
+            and node.target is torch.ops.aten.detach_.default
+            and isinstance(node.args[0], fx.Node)
+            and node.args[0].name in constants
+        ):
+            node.target = torch.ops.aten.detach.default
     module.recompile()
 
 

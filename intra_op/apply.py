@@ -953,7 +953,12 @@ class ShardedProgram(nn.Module):
         return value if value.dtype == dtype else value.to(dtype)
 
     def _constant(self, graph: OpGraph, target: str) -> torch.Tensor:
+        """The tensor constant ``target`` of the graph; an empty one captured on the meta
+        device (transformers' attention makes ``torch.tensor([])`` constants) is made again,
+        as it holds no data to lose."""
         value = graph.exported.constants[target]
+        if isinstance(value, torch.Tensor) and value.is_meta and value.numel() == 0:
+            return torch.empty(value.shape, dtype=value.dtype)
         if not isinstance(value, torch.Tensor) or value.is_meta:
             raise ValueError(
                 f"tensor constant '{target}' of the captured graph has no data (captured on the "

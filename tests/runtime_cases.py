@@ -16,6 +16,7 @@ import ray
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
 
 from hierarchical_ap.api import manual_plan
@@ -135,7 +136,8 @@ class Case:
     several steps, and its loss."""
 
     model: nn.Module
-    batches: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]
+    batches: list[tuple[Any, torch.Tensor]]
+    """(inputs, targets) per step; inputs a tuple of positional or a dict of keyword tensors."""
     loss_fn: Callable[..., torch.Tensor]
 
 
@@ -148,6 +150,34 @@ ZOO = {
         "num_attention_heads=4,num_key_value_heads=2,vocab_size=64"
     ),
 }
+
+
+MASKED = {"hf-gpt2-masked"}
+"""Cases whose batches are keyword inputs: ``input_ids`` and a left-padding
+``attention_mask``."""
+
+
+def user_gpt2() -> nn.Module:
+    """transformers' GPT-2 as a user builds it: the library's defaults (a key/value cache,
+    its default attention), only dropout off so that runs can be compared."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        vocab_size=64,
+        n_positions=16,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def logits_loss(output: Any, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a transformers ``CausalLMOutput``'s logits."""
+    return F.cross_entropy(output.logits.flatten(0, 1), labels.flatten())
 
 
 def build_case(name: str, steps: int, *, meta: bool = False) -> Case:
@@ -168,17 +198,29 @@ def build_case(name: str, steps: int, *, meta: bool = False) -> Case:
             for _ in range(steps)
         ]
         return Case(model, batches, class_loss)
-    bundle = from_spec(ZOO[name], batch=BATCH, seq=SEQ, device="meta")
-    model = bundle.model
-    if not meta:
+    if name in MASKED:
         torch.manual_seed(0)
-        materialize(model)
+        with torch.device("meta" if meta else "cpu"):
+            model = user_gpt2()
+        loss_fn = logits_loss
+    else:
+        bundle = from_spec(ZOO[name], batch=BATCH, seq=SEQ, device="meta")
+        model, loss_fn = bundle.model, bundle.loss_fn
+        if not meta:
+            torch.manual_seed(0)
+            materialize(model)
     vocab = 64
     batches = []
     for _ in range(steps):
         tokens = torch.randint(vocab, (BATCH, SEQ + 1), generator=generator)
-        batches.append(((tokens[:, :-1].contiguous(),), tokens[:, 1:].contiguous()))
-    return Case(model, batches, bundle.loss_fn)
+        ids, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        if name in MASKED:
+            padding = torch.randint(SEQ // 2, (BATCH, 1), generator=generator)
+            mask = (torch.arange(SEQ) >= padding).long()  # up to SEQ/2 - 1 left-padding tokens
+            batches.append(({"input_ids": ids, "attention_mask": mask}, labels))
+        else:
+            batches.append(((ids,), labels))
+    return Case(model, batches, loss_fn)
 
 
 def built_worker(plan: ParallelPlan, case: Case, optimizer_fn: Callable) -> PipelineWorker:
@@ -241,24 +283,26 @@ def reference_run(
     scheduler = None if lr_scheduler_fn is None else lr_scheduler_fn(optimizer)
     losses = []
     for inputs, targets in case.batches:
-        inputs, targets = [x.to(device) for x in inputs], targets.to(device)
+        inputs, targets = pytree.tree_map(lambda x: x.to(device), (inputs, targets))
         optimizer.zero_grad()
         if precision == "fp32" and microbatches > 1:
             loss = torch.zeros(())
-            chunks = zip(
-                *(x.chunk(microbatches) for x in inputs), targets.chunk(microbatches), strict=True
-            )
-            for *chunk_inputs, chunk_targets in chunks:
-                chunk_loss = case.loss_fn(model(*chunk_inputs), chunk_targets) / microbatches
+            for i in range(microbatches):
+                chunk_inputs, chunk_targets = pytree.tree_map(
+                    lambda x, i=i: x.chunk(microbatches)[i], (inputs, targets)
+                )
+                chunk_loss = case.loss_fn(_call(model, chunk_inputs), chunk_targets) / microbatches
                 chunk_loss.backward()
                 loss += chunk_loss.detach()
         elif precision == "fp32":
-            loss = case.loss_fn(model(*inputs), targets)
+            loss = case.loss_fn(_call(model, inputs), targets)
             loss.backward()
         elif precision == "bf16":
             low = copy.deepcopy(model).to(torch.bfloat16)
-            low_inputs = [x.bfloat16() if x.is_floating_point() else x for x in inputs]
-            loss = case.loss_fn(low(*low_inputs), targets)
+            low_inputs = pytree.tree_map(
+                lambda x: x.bfloat16() if x.is_floating_point() else x, inputs
+            )
+            loss = case.loss_fn(_call(low, low_inputs), targets)
             loss.backward()
             for master, copied in zip(model.parameters(), low.parameters(), strict=True):
                 master.grad = None if copied.grad is None else copied.grad.float()
@@ -273,6 +317,11 @@ def reference_run(
             scheduler.step()
         losses.append(loss.item())
     return losses, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    """``model`` on a tuple of positional inputs or a dict of keyword inputs."""
+    return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
 
 
 def plan_for(

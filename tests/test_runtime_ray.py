@@ -10,6 +10,7 @@ and ``shutdown`` frees every actor.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -21,6 +22,7 @@ import torch
 
 import hierarchical_ap as hap
 from hierarchical_ap.errors import PlanError, WorkerFailedError
+from hierarchical_ap.plan import ParallelPlan
 from runtime.step_trace import CLOSING_PHASES, stage_compute_means
 from tests.runtime_cases import (
     adamw,
@@ -145,6 +147,40 @@ def test_batch_norm_cnn_trains_like_gradient_accumulation_over_the_micro_batches
     assert compare(losses, state, reference) == {}
     batch_counters = [key for key in state if key.endswith("num_batches_tracked")]
     assert batch_counters and all(state[key] == 4 * STEPS for key in batch_counters)
+
+
+def _megatron_mlp_gpt2(plan: ParallelPlan) -> ParallelPlan:
+    """``plan`` with transformers GPT-2's MLPs split Megatron-style on mesh axis 1 (its
+    ``Conv1D`` weights are stored (in, out): ``c_fc`` splits dim 1, ``mlp.c_proj`` dim 0)."""
+    stages = []
+    for stage in plan.stages:
+        placements = dict(stage.param_placements)
+        for fqn in placements:
+            if fqn.endswith("mlp.c_fc.weight"):
+                placements[fqn] = ("R", "S(1)")
+            elif fqn.endswith("mlp.c_fc.bias") or fqn.endswith("mlp.c_proj.weight"):
+                placements[fqn] = ("R", "S(0)")
+        stages.append(dataclasses.replace(stage, param_placements=placements))
+    return dataclasses.replace(plan, stages=tuple(stages))
+
+
+MASKED_PLANS = {
+    "pp2-dp2": lambda: plan_for("hf-gpt2-masked", 4, tp=1, pp=2, dp=2),
+    "pp2-tp2": lambda: _megatron_mlp_gpt2(
+        plan_for("hf-gpt2-masked", 4, tp=2, pp=2, dp=1, micro_batch_size=2)
+    ),
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("plan_name", sorted(MASKED_PLANS))
+def test_transformers_gpt2_with_keyword_inputs_and_a_left_padding_attention_mask(plan_name):
+    """``{"input_ids", "attention_mask"}`` batches: transformers' masked attention, and the
+    empty key/value-cache constants its graph starts from, on plain data-parallel rows and on
+    DTensor tensor-parallel stages."""
+    plan = MASKED_PLANS[plan_name]()
+    losses, state, reference, _ = _train("hf-gpt2-masked", plan, 4, adamw)
+    assert compare(losses, state, reference) == {}
 
 
 CLIPPED_PLANS = {
