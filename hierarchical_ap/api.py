@@ -197,6 +197,8 @@ def compile_parallel(
     ``hierarchical_ap.models.materialize``). The weights are exactly those of
     ``hierarchical_ap.models.init_module_weights(model, init_seed)``, the whole model in one
     process: start a single-process reference from it to reproduce a parallel run.
+    ``init_seed`` also seeds the workers' random ops (dropout): every device of pipeline rank
+    r draws from one stream, ``init_seed + 2²⁰·r``, so the same seed and plan repeat a run.
     ``timeout_s`` bounds collectives and the start-up. ``precision`` is ``"fp32"`` or
     ``"bf16"`` (bf16 compute and activations, fp32 master weights, optimizer state and gradient
     reduction; see ``runtime.precision``). Raises ``UnsupportedPrecisionError`` for

@@ -17,7 +17,8 @@ it on bare gloo processes). Its life:
    the initialisation is elementwise; ``initialisation_report`` says what it allocated), one
    group per parameter that several stages read (a tied embedding), the optimizer over its shards
    (``runtime.optimizer``: plain-tensor aliases of the local shards where that is exact), and
-   its static instruction list. The plan's precision (``runtime.precision``) decides the dtype the model
+   its static instruction list, and the seed of its random ops (dropout): one stream per
+   pipeline rank, shared by the devices of its mesh. The plan's precision (``runtime.precision``) decides the dtype the model
    is captured and run in and the dtype the parameters are stored in (fp32 masters under
    bf16);
 3. ``train_step``: run the list over the global batch's micro-batches, then synchronise the
@@ -53,6 +54,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.distributed_c10d import _set_pg_timeout
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import _random as dtensor_random
 
 from hierarchical_ap.errors import CaptureError
 from hierarchical_ap.graph import OpGraph, capture
@@ -77,6 +79,9 @@ from runtime.stage_program import StageProgram, batch_placements, full_parameter
 from runtime.step_trace import CLIP_GRADIENTS, OPTIMIZER, SYNC_SHARED, WAIT_SENDS, TimedOp
 
 logger = logging.getLogger(__name__)
+
+RANDOM_STREAM_STRIDE = 1 << 20
+"""Seeds of consecutive pipeline ranks' random streams lie this far apart."""
 
 
 @dataclass(frozen=True)
@@ -217,6 +222,7 @@ class PipelineWorker:
         tasks = build_schedule(plan.schedule, p, plan.num_microbatches, plan.virtual_stages)
         self.instructions: list[Instruction] = build_instructions(tasks, layout)[self.rank]
         self.receive_posting = receive_posting(self.instructions)
+        self._seed_random_streams(program.init_seed)
         reads = {name for s in self.programs for name in self.slices[s].user_inputs}
         return {
             "stages": sorted(self.programs),
@@ -226,6 +232,19 @@ class PipelineWorker:
             "master_fingerprint": master_fingerprint(self.graph, self.policy),
             "lr_scheduler": None if self.lr_scheduler is None else type(self.lr_scheduler).__name__,
         }
+
+    def _seed_random_streams(self, seed: int) -> None:
+        """Seed the random ops of training (dropout): the workers of pipeline rank r draw from
+        ``seed + RANDOM_STREAM_STRIDE·r``, the same stream on every device of a mesh (DTensor's
+        rule for SPMD random ops: replicas draw the same values) and another per pipeline
+        rank (as Megatron-LM and torchtitan seed stages). On GPUs, DTensor's random-number
+        tracker is made here, on every worker, so that the first dropout on a DTensor does
+        not make it lazily, with a broadcast over all workers that only one stage's workers
+        would join."""
+        stream = seed + RANDOM_STREAM_STRIDE * self.pipeline_rank
+        torch.manual_seed(stream)
+        if self.device.type == "cuda":
+            dtensor_random.manual_seed(stream, self.mesh)
 
     def _capture(self, program: TrainingProgram, rows: int | None = None) -> OpGraph:
         """The model's training program at the micro-batch size (or at its first ``rows``

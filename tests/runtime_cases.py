@@ -143,6 +143,7 @@ class Case:
 
 ZOO = {
     "gpt": "gpt:layers=4,hidden=32,heads=4,vocab=64,seq=8",
+    "gpt-dropout": "gpt:layers=4,hidden=32,heads=4,vocab=64,seq=8,dropout=0.1",
     "llama": "llama:layers=4,hidden=32,heads=4,kv_heads=2,ffn=64,vocab=64,seq=8",
     "hf-gpt2": "hf:gpt2:n_layer=2,n_embd=32,n_head=4,vocab_size=64,n_positions=16",
     "hf-llama": (

@@ -45,6 +45,7 @@ pytestmark = pytest.mark.skipif(
 STEPS = 5
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 needs_two = pytest.mark.skipif(GPUS < 2, reason="needs two GPUs")
+needs_four = pytest.mark.skipif(GPUS < 4, reason="needs four GPUs")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,7 +61,7 @@ def _gpus(count: int) -> Cluster:
     return Cluster.from_spec(f"1x{count}x{family}")
 
 
-def _train(name, cluster, plan, optimizer_fn, *, precision="fp32", steps=STEPS):
+def _train(name, cluster, plan, optimizer_fn, *, precision="fp32", steps=STEPS, init_seed=0):
     case = build_case(name, steps)
     inputs, targets = case.batches[0]
     with hap.compile_parallel(
@@ -72,6 +73,7 @@ def _train(name, cluster, plan, optimizer_fn, *, precision="fp32", steps=STEPS):
         optimizer_fn=optimizer_fn,
         plan=plan,
         precision=precision,
+        init_seed=init_seed,
     ) as exe:
         losses = [exe.train_step(x, y) for x, y in case.batches]
         state = exe.state_dict()
@@ -161,3 +163,20 @@ def test_megatron_tensor_parallel_stage_over_nccl_trains_like_one_process():
     plan = megatron(plan_for("gpt", 2, tp=2, pp=1, dp=1, micro_batch_size=4, cluster=cluster))
     losses, state = _train("gpt", cluster, plan, adamw)
     assert compare(losses, state, _reference("gpt", adamw)) == {}
+
+
+@needs_four
+@pytest.mark.timeout(300)
+def test_dropout_on_tensor_parallel_stages_is_set_by_the_seed_over_nccl():
+    """DTensor's GPU random-number tracker is made on every worker at build: dropout on two
+    2-way tensor-parallel stages neither hangs on a lazily made tracker's broadcast nor
+    differs between two runs of one seed."""
+    cluster = _gpus(4)
+    plan = megatron(
+        plan_for("gpt-dropout", 4, tp=2, pp=2, dp=1, micro_batch_size=2, cluster=cluster)
+    )
+    first, _ = _train("gpt-dropout", cluster, plan, adamw, steps=2)
+    again, _ = _train("gpt-dropout", cluster, plan, adamw, steps=2)
+    other, _ = _train("gpt-dropout", cluster, plan, adamw, steps=2, init_seed=1)
+    assert again == pytest.approx(first, rel=1e-6)
+    assert min(abs(a - b) for a, b in zip(first, other, strict=True)) > 1e-4

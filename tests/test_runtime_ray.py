@@ -183,6 +183,32 @@ def test_transformers_gpt2_with_keyword_inputs_and_a_left_padding_attention_mask
     assert compare(losses, state, reference) == {}
 
 
+@pytest.mark.timeout(300)
+def test_dropout_draws_are_set_by_the_seed():
+    """Dropout on Megatron tensor-parallel stages: the same ``init_seed`` gives the same
+    losses, another seed other dropout masks and so other losses."""
+    plan = megatron(plan_for("gpt-dropout", 4, tp=2, pp=2, dp=1, micro_batch_size=2))
+
+    def losses_with(seed: int) -> list[float]:
+        case = build_case("gpt-dropout", STEPS)
+        inputs, targets = case.batches[0]
+        with hap.compile_parallel(
+            case.model,
+            hap.Cluster.local_cpu(4),
+            example_inputs=inputs,
+            targets=targets,
+            loss_fn=case.loss_fn,
+            optimizer_fn=adamw,
+            plan=plan,
+            init_seed=seed,
+        ) as exe:
+            return [exe.train_step(x, y) for x, y in case.batches]
+
+    first, again, other = losses_with(0), losses_with(0), losses_with(1)
+    assert first == again
+    assert min(abs(a - b) for a, b in zip(first, other, strict=True)) > 1e-4
+
+
 CLIPPED_PLANS = {
     "gpt-tp2-pp2-tied-embedding": lambda: megatron(
         plan_for("gpt", 4, tp=2, pp=2, dp=1, micro_batch_size=2)
