@@ -138,6 +138,23 @@ def interleaved_one_f_one_b(
     ]
 
 
+def forward_only(
+    num_ranks: int, num_microbatches: int, virtual_stages: int = 1
+) -> list[list[Task]]:
+    """Evaluation: rank r runs the forwards of its chunks (stages ``r + c·p``), chunk by
+    chunk, each over micro-batches 0..m-1, and no backward; a chunk's forwards follow those of
+    the chunk before on every rank, so the activations they wait for are already sent."""
+    _check_counts(num_ranks, num_microbatches, virtual_stages)
+    return [
+        [
+            Task(FORWARD, i, r + c * num_ranks)
+            for c in range(virtual_stages)
+            for i in range(num_microbatches)
+        ]
+        for r in range(num_ranks)
+    ]
+
+
 def build_schedule(
     name: str, num_ranks: int, num_microbatches: int, virtual_stages: int = 1
 ) -> list[list[Task]]:

@@ -80,7 +80,8 @@ accumulation and the data-parallel reduction run in ``master_dtype``.
 from __future__ import annotations
 
 import operator
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -96,6 +97,7 @@ from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
 from hierarchical_ap.errors import HapError
 from hierarchical_ap.graph import OpGraph
 from hierarchical_ap.profile import METADATA_CHECKS, TensorMeta
+from intra_op.evaluation import BATCH_NORMS, Call, evaluation_calls
 from intra_op.gradient_sync import (
     AccumulatedGradient,
     StepGradients,
@@ -412,9 +414,7 @@ _CONVOLUTIONS = frozenset(
         torch.ops.aten.convolution.default,
     }
 )
-_BATCH_NORMS = frozenset(
-    {torch.ops.aten.batch_norm.default, torch.ops.aten.native_batch_norm.default}
-)
+_BATCH_NORMS = BATCH_NORMS
 
 
 def _supported_input(node: fx.Node, index: int, placements: Placements) -> Placements:
@@ -523,6 +523,11 @@ class ShardedProgram(nn.Module):
         self._build_state(graph)
         self._call_args = self._device_call_args(graph)
         self._written = {node: _written_inputs(node) for node in self._call_args}
+        self._eval_calls: dict[fx.Node, Call] = evaluation_calls(
+            self._call_args, self._buffer_writers()
+        )
+        """Node → its call in evaluation form (``intra_op.evaluation``), where it differs."""
+        self._evaluating = False
         self._tensor_args = {node: _tensor_arguments(node) for node in self._call_args}
         self._last_uses = _last_uses(graph.graph_module.graph)
         self._follow = _FollowSolution(solution)
@@ -557,7 +562,7 @@ class ShardedProgram(nn.Module):
         )
         """The arguments of the local graph's nodes (as ``_call_args`` for the global one)."""
         self._value_names = frozenset(node.name for node in graph.graph_module.graph.nodes)
-        self._plain_parts: dict[tuple[tuple[str, ...], tuple[str, ...]], _PlainPart] = {}
+        self._plain_parts: dict[tuple[tuple[str, ...], tuple[str, ...], bool], _PlainPart] = {}
         self._step_params: dict[str, torch.Tensor] | None = None
         """FQN → the parameter as the open step's micro-batches read it (see ``open_step``)."""
         self._step_leaves: dict[str, torch.Tensor] = {}
@@ -585,6 +590,39 @@ class ShardedProgram(nn.Module):
         """The program's parameters keyed like the original model's (one entry per tied
         group, at its first name in the graph)."""
         return dict(self._params_by_fqn)
+
+    @contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """Inside, ``run_part`` runs the program in evaluation form (``intra_op.evaluation``:
+        dropout off, batch norms on their running statistics, no buffer updated) without
+        autograd, on DTensors or, on a one-device mesh, plain tensors. Raises
+        ``RuntimeError`` inside an open step."""
+        if self._step_params is not None:
+            raise RuntimeError("a training step is open; evaluate between steps")
+        self._evaluating = True
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self._evaluating = False
+
+    def _buffer_writers(self) -> set[fx.Node]:
+        """The nodes that write into a buffer through their first argument."""
+        writers = set()
+        for node, written in self._written.items():
+            first = node.args[0] if node.args else None
+            if isinstance(first, fx.Node) and first in written:
+                if self._placeholders.get(first.name, ("", ""))[0] == "buffer":
+                    writers.add(node)
+        return writers
+
+    def _current_call(self, node: fx.Node) -> tuple[Any, tuple[Any, Any]]:
+        """The op and (args, kwargs) ``node`` runs now: its evaluation call while evaluating,
+        else the captured one."""
+        if self._evaluating and node in self._eval_calls:
+            target, args, kwargs = self._eval_calls[node]
+            return target, (args, kwargs)
+        return node.target, self._call_args[node]
 
     def forward(self, *inputs: Any) -> Any:
         if self._part is not None:
@@ -809,7 +847,7 @@ class ShardedProgram(nn.Module):
         """The part's compiled graph module on the plain (whole or local) tensors of
         ``values`` and the program's state; the named results."""
         given = tuple(name for name in values if name in self._value_names)
-        key = (given, tuple(outputs))
+        key = (given, tuple(outputs), self._evaluating)
         part = self._plain_parts.get(key)
         if part is None:
             part = self._plain_parts[key] = self._build_plain_part(given, tuple(outputs))
@@ -831,15 +869,22 @@ class ShardedProgram(nn.Module):
                 constants[node.name] = self._constants[key]
             else:
                 sources.append((kind, node.name))
-        local = self._local_graph
+        local = None if self._evaluating else self._local_graph
+        call_args = self._call_args if local is None else self._local_call_args
+        targets = {}
+        if self._evaluating:
+            call_args = dict(call_args)
+            for node, (target, args, kwargs) in self._eval_calls.items():
+                call_args[node], targets[node] = (args, kwargs), target
         module = plain_part_module(
             (local or self._graph).graph_module.graph,
             self._part,
             [name for _, name in sources],
             constants,
-            self._call_args if self._local_call_args is None else self._local_call_args,
+            call_args,
             METADATA_CHECKS,
             outputs,
+            targets,
         )
         return _PlainPart(module, tuple(sources))
 
@@ -1016,9 +1061,10 @@ class ShardedProgram(nn.Module):
                 used.append(tuple(value.placements))
             return value
 
-        args, kwargs = fx.node.map_arg(self._call_args[node], load)
+        target, call_args = self._current_call(node)
+        args, kwargs = fx.node.map_arg(call_args, load)
         try:
-            output = self._execute(node, args, kwargs)
+            output = self._execute(target, args, kwargs)
         except Exception as exc:  # DTensor raises many types for unsupported shardings
             if not placer.replicate_on_failure:
                 raise _execution_error(node, used, exc) from exc
@@ -1029,7 +1075,7 @@ class ShardedProgram(nn.Module):
             )
             used = [everywhere] * len(used)
             try:
-                output = self._execute(node, args, kwargs)
+                output = self._execute(target, args, kwargs)
             except Exception as retry_exc:  # as above
                 raise _execution_error(node, used, retry_exc) from retry_exc
         placer.observe(node, tuple(used), output)
@@ -1041,12 +1087,12 @@ class ShardedProgram(nn.Module):
             return self._redistribute(output, target, where)
         return pytree.tree_map_only(DTensor, lambda t: self._redistribute(t, target, where), output)
 
-    def _execute(self, node: fx.Node, args: Any, kwargs: Any) -> Any:
+    def _execute(self, target: Any, args: Any, kwargs: Any) -> Any:
         """Run the op; outputs are DTensors in placements a solution can name."""
-        if node.target is _ATTENTION:
+        if target is _ATTENTION:
             output = self._local_attention(args, kwargs)
         else:
-            output = node.target(*args, **kwargs)
+            output = target(*args, **kwargs)
         if isinstance(output, DTensor):
             return self._settle(output)
         output = pytree.tree_map_only(torch.Tensor, self._as_dtensor, output)

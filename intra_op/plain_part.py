@@ -12,7 +12,9 @@ DTensor program computes, without DTensor's dispatch and without the per-node in
   nodes' outputs) becomes a placeholder, in the order given;
 * placeholders holding Python constants fixed at capture (``targets=None``) are inlined;
 * ``call_args`` gives each node's arguments with device arguments already rewritten to the
-  mesh's device; ``skipped`` ops (metadata checks against capture time) are dropped;
+  mesh's device, ``targets`` the op of a node that runs another than its own (evaluation:
+  ``intra_op.evaluation``); ``skipped`` ops (metadata checks against capture time) are
+  dropped;
 * the output is the tuple of the ``outputs`` values.
 
 ``fx.GraphModule`` generates Python for the graph that frees each value after its last use.
@@ -34,6 +36,7 @@ def plain_part_module(
     call_args: Mapping[fx.Node, tuple[Any, Any]],
     skipped: Collection[Any],
     outputs: Sequence[str],
+    targets: Mapping[fx.Node, Any] | None = None,
 ) -> fx.GraphModule:
     """The part's nodes as a module taking ``sources`` positionally and returning the tuple of
     ``outputs``; ``part`` ``None`` means every node. Raises ``ValueError`` naming an output the
@@ -57,7 +60,8 @@ def plain_part_module(
             args, kwargs = fx.node.map_arg(
                 call_args[node], lambda v, reader=node: _read(env, reader, v)
             )
-            env[node] = new.call_function(node.target, tuple(args), dict(kwargs))
+            target = node.target if targets is None else targets.get(node, node.target)
+            env[node] = new.call_function(target, tuple(args), dict(kwargs))
     by_name = {node.name: value for node, value in env.items()}
     missing = sorted(name for name in outputs if name not in by_name)
     if missing:

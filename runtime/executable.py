@@ -156,6 +156,21 @@ class ParallelExecutable:
 
     def train_step(self, inputs: Any, targets: Any = None) -> float:
         """One optimizer step on one global batch; returns its mean loss."""
+        loss = self._mean_loss("train_step", inputs, targets)
+        self.steps += 1
+        return loss
+
+    def eval_step(self, inputs: Any, targets: Any = None) -> float:
+        """The mean loss of one global batch (shaped like the training batch) with the model
+        in evaluation mode, as ``model.eval()`` under ``torch.no_grad()`` computes it in one
+        process: forwards only, dropout off, batch norms on their running statistics; no
+        parameter, buffer or optimizer state changes (``intra_op.evaluation`` says which ops
+        switch)."""
+        return self._mean_loss("eval_step", inputs, targets)
+
+    def _mean_loss(self, method: str, inputs: Any, targets: Any) -> float:
+        """Check the batch, run the workers' ``method`` on it, and average the micro-batch
+        losses the reporting worker returns."""
         self._check_usable()
         leaves = model_leaves(inputs)
         target_leaves = pytree.tree_leaves(targets)
@@ -165,13 +180,12 @@ class ParallelExecutable:
         inputs_ref = _for_workers(inputs, leaves)
         targets_ref = _for_workers(targets, target_leaves)
         refs = [
-            worker.train_step.remote(
+            getattr(worker, method).remote(
                 inputs_ref if role["inputs"] else None, targets_ref if role["targets"] else None
             )
             for worker, role in zip(self.workers, self._roles, strict=True)
         ]
         results = self._wait(refs, self._timeout_s * 2)
-        self.steps += 1
         losses = next(r for r in results if r is not None)
         return float(sum(losses) / len(losses))
 

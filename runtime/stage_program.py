@@ -18,7 +18,8 @@ and, on the last stage, the micro-batch's loss; ``backward(mb, grads)`` runs aut
 sent tensors (or from ``loss / num_microbatches`` on the last stage), accumulating parameter
 gradients locally (``ShardedProgram.open_step``), and returns the gradients of the received
 values;
-``free(mb)`` drops what the micro-batch kept. Summing ``loss_i / m`` over the ``m`` equal
+``free(mb)`` drops what the micro-batch kept; ``evaluate(received, user_inputs)`` is the forward
+in evaluation form (``intra_op.evaluation``), without autograd and keeping nothing. Summing ``loss_i / m`` over the ``m`` equal
 micro-batches gives the gradient of the mean loss over the global batch (for a loss that is a
 mean over the batch).
 
@@ -170,24 +171,40 @@ class StageProgram:
             t.requires_grad_(needs)
             for t, needs in zip(received, self.received_needs_grad, strict=True)
         ]
+        sent, loss = self._run(leaves, user_inputs)
+        self._saved[microbatch] = _Saved(leaves, sent, loss)
+        return [t.detach() for t in sent], (None if loss is None else loss.detach())
+
+    def evaluate(
+        self, received: Sequence[torch.Tensor], user_inputs: Mapping[str, torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """``forward`` in evaluation form (``ShardedProgram.evaluation``: dropout off, batch
+        norms on their running statistics, no autograd), keeping nothing and updating no
+        buffer: the tensors to send and, on the last stage, the loss."""
+        with self.program.evaluation():
+            return self._run(received, user_inputs)
+
+    def _run(
+        self, received: Sequence[torch.Tensor], user_inputs: Mapping[str, torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The stage's slice on one micro-batch: the values to send and the loss (if last)."""
         wanted = [*self.slice.sent, *self.slice.outputs]
         values: dict[str, object] = {name: user_inputs[name] for name in self.slice.user_inputs}
         if self.program.runs_plain:
             # one device: the received full tensors are the values, the results are full
-            values.update(zip(self.slice.received, leaves, strict=True))
+            values.update(zip(self.slice.received, received, strict=True))
             out = self.program.run_plain_part(values, wanted)
             sent = [out[name] for name in self.slice.sent]
             loss = out[self.slice.outputs[0]] if self.slice.outputs else None
         else:
             values.update(
                 (name, boundary.entering(t, self.mesh))
-                for name, t in zip(self.slice.received, leaves, strict=True)
+                for name, t in zip(self.slice.received, received, strict=True)
             )
             out = self.program.run_part(values, wanted)
             sent = [boundary.leaving(out[name]) for name in self.slice.sent]
             loss = boundary.leaving(out[self.slice.outputs[0]]) if self.slice.outputs else None
-        self._saved[microbatch] = _Saved(leaves, sent, loss)
-        return [t.detach() for t in sent], (None if loss is None else loss.detach())
+        return sent, loss
 
     def backward(self, microbatch: int, grads: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
         """Gradients of the received values that need one (zeros where autograd gave none)."""

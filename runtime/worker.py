@@ -60,7 +60,7 @@ from hierarchical_ap.errors import CaptureError
 from hierarchical_ap.graph import OpGraph, capture
 from hierarchical_ap.models.materialize import InitReport, init_held, meta_copy
 from hierarchical_ap.plan import ParallelPlan, PlanStage
-from hierarchical_ap.schedules import BACKWARD, FORWARD, build_schedule
+from hierarchical_ap.schedules import BACKWARD, FORWARD, build_schedule, forward_only
 from runtime import boundary, checkpoint, grad_clip
 from runtime.instructions import (
     FREE,
@@ -69,6 +69,7 @@ from runtime.instructions import (
     SEND_ACTIVATION,
     SEND_GRADIENT,
     Instruction,
+    ReceivePosting,
     build_instructions,
     receive_posting,
 )
@@ -222,6 +223,9 @@ class PipelineWorker:
         tasks = build_schedule(plan.schedule, p, plan.num_microbatches, plan.virtual_stages)
         self.instructions: list[Instruction] = build_instructions(tasks, layout)[self.rank]
         self.receive_posting = receive_posting(self.instructions)
+        evaluation = forward_only(p, plan.num_microbatches, plan.virtual_stages)
+        self.eval_instructions = build_instructions(evaluation, layout)[self.rank]
+        self.eval_receive_posting = receive_posting(self.eval_instructions)
         self._seed_random_streams(program.init_seed)
         reads = {name for s in self.programs for name in self.slices[s].user_inputs}
         return {
@@ -369,24 +373,70 @@ class PipelineWorker:
     def train_step(self, inputs: Any, targets: Any) -> list[float] | None:
         """One optimizer step on the global batch; the micro-batch losses from the worker
         that reports them, else None."""
-        plan = self.plan
-        user = self._microbatch_inputs(inputs, targets, plan.num_microbatches)
+        user = self._microbatch_inputs(inputs, targets, self.plan.num_microbatches)
         self.optimizer.zero_grad()
+        clock = time.perf_counter
+        began = clock()
+        losses, pending, trace = self._run_list(
+            self.instructions, self.receive_posting, user, began, evaluate=False
+        )
+        for phase, run in (
+            (WAIT_SENDS, lambda: _wait_all(pending)),
+            (SYNC_SHARED, self._sync_shared_gradients),
+            (CLIP_GRADIENTS, self._clip_gradients),
+            (OPTIMIZER, self._optimizer_step),
+        ):
+            started = clock() - began
+            run()
+            trace.append(TimedOp(phase, -1, -1, started, clock() - began))
+        self.last_step_trace = tuple(trace)
+        return self._reported(losses)
+
+    def eval_step(self, inputs: Any, targets: Any) -> list[float] | None:
+        """The losses of the global batch's micro-batches in evaluation form (forwards only,
+        ``StageProgram.evaluate``; no gradient, no parameter or buffer changes) from the
+        worker that reports them, else None."""
+        user = self._microbatch_inputs(inputs, targets, self.plan.num_microbatches)
+        losses, pending, _ = self._run_list(
+            self.eval_instructions,
+            self.eval_receive_posting,
+            user,
+            time.perf_counter(),
+            evaluate=True,
+        )
+        _wait_all(pending)
+        return self._reported(losses)
+
+    def _reported(self, losses: Mapping[int, float]) -> list[float] | None:
+        if not self._reports_loss():
+            return None
+        return [losses[mb] for mb in range(self.plan.num_microbatches)]
+
+    def _run_list(
+        self,
+        steps: list[Instruction],
+        posting: ReceivePosting,
+        user: list[dict[str, Any]],
+        began: float,
+        *,
+        evaluate: bool,
+    ) -> tuple[dict[int, float], list[boundary.PendingTransfer], list[TimedOp]]:
+        """Run an instruction list (forwards in evaluation form with ``evaluate``): the
+        micro-batch losses this worker computed, its sends still in flight and the timeline
+        (seconds since ``began``)."""
+        clock = time.perf_counter
         losses: dict[int, float] = {}
         inbox: dict[tuple[str, int, int], list[torch.Tensor]] = {}
         outbox: dict[tuple[str, int, int], list[torch.Tensor]] = {}
         pending: list[boundary.PendingTransfer] = []
-        steps = self.instructions
-        clock = time.perf_counter
-        began = clock()
         trace: list[TimedOp] = []
-        posted = {i: self._start_receive(steps[i]) for i in self.receive_posting.at_start}
+        posted = {i: self._start_receive(steps[i]) for i in posting.at_start}
         for index, step in enumerate(steps):
             started = clock() - began
             program = self.programs[step.stage]
             mb = step.microbatch
             if step.op in (RECV_ACTIVATION, RECV_GRADIENT):
-                following = self.receive_posting.after.get(index)
+                following = posting.after.get(index)
                 if following is not None:
                     posted[following] = self._start_receive(steps[following])
                 received = [boundary.finish(t, dst, self.mesh) for t, dst in posted.pop(index)]
@@ -399,7 +449,10 @@ class PipelineWorker:
                     ]
             elif step.op == FORWARD:
                 received = inbox.pop(("act", step.stage, mb), [])
-                sent, loss = program.forward(mb, received, user[mb])
+                if evaluate:
+                    sent, loss = program.evaluate(received, user[mb])
+                else:
+                    sent, loss = program.forward(mb, received, user[mb])
                 outbox["act", step.stage, mb] = sent
                 if loss is not None:
                     losses[mb] = float(loss)
@@ -415,19 +468,7 @@ class PipelineWorker:
             elif step.op == SEND_GRADIENT:
                 pending += self._send(step, outbox.pop(("grad", step.stage, mb)), boundary.GRADIENT)
             trace.append(TimedOp(step.op, step.stage, mb, started, clock() - began))
-        for phase, run in (
-            (WAIT_SENDS, lambda: _wait_all(pending)),
-            (SYNC_SHARED, self._sync_shared_gradients),
-            (CLIP_GRADIENTS, self._clip_gradients),
-            (OPTIMIZER, self._optimizer_step),
-        ):
-            started = clock() - began
-            run()
-            trace.append(TimedOp(phase, -1, -1, started, clock() - began))
-        self.last_step_trace = tuple(trace)
-        if not self._reports_loss():
-            return None
-        return [losses[mb] for mb in range(plan.num_microbatches)]
+        return losses, pending, trace
 
     def step_trace(self) -> tuple[TimedOp, ...]:
         """``last_step_trace`` (a method, so a Ray actor can return it)."""

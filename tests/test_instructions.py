@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hierarchical_ap.schedules import BACKWARD, FORWARD, build_schedule, in_flight
+from hierarchical_ap.schedules import BACKWARD, FORWARD, build_schedule, forward_only, in_flight
 from runtime.instructions import (
     FREE,
     RECV_ACTIVATION,
@@ -155,3 +155,17 @@ def test_stages_placed_against_the_interleaved_layout_are_refused():
     tasks = build_schedule("interleaved", 2, 2, 2)
     with pytest.raises(ValueError, match="must run on"):
         build_instructions(tasks, [(0,), (1,), (1,), (0,)])
+
+
+@pytest.mark.parametrize("name,p,m,v,sizes", CASES)
+def test_forward_only_lists_run_every_forward_once_without_deadlock(name, p, m, v, sizes):
+    """Evaluation lists: forwards and activation transfers only, each micro-batch once per
+    stage, and no deadlock (also across the chunks of interleaved layouts)."""
+    stage_ranks = _layout(sizes, v)
+    lists = build_instructions(forward_only(p, m, v), stage_ranks)
+    simulate_messages(lists)
+    for s, ranks in enumerate(stage_ranks):
+        for worker in ranks:
+            steps = [i for i in lists[worker] if i.stage == s]
+            assert {i.op for i in steps} <= {FORWARD, SEND_ACTIVATION, RECV_ACTIVATION}
+            assert [i.microbatch for i in steps if i.op == FORWARD] == list(range(m))
