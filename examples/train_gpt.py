@@ -4,7 +4,8 @@ The planner (Alpa's stage DP over the intra-op ILP) picks pipeline stages, their
 shardings for the model on the cluster; the plan is printed; then ``compile_parallel`` starts
 one Ray actor per device and trains for ``--steps`` AdamW steps (linear warm-up over
 ``--warmup`` steps, then cosine decay to a tenth of ``--lr``; gradients clipped to
-``--max-grad-norm``), with a progress bar that shows the loss and the gradient norm. The data is a learnable synthetic task: each sequence counts up from a random
+``--max-grad-norm``), with a progress bar that shows the loss and the gradient norm, then
+evaluates a held-out batch (``eval_step``). The data is a learnable synthetic task: each sequence counts up from a random
 token (``t, t+1, t+2, ...`` modulo the vocabulary), so the loss falls from about
 ``ln(vocab)`` towards zero as the model learns the successor of every token.
 
@@ -118,8 +119,9 @@ def counting_batch(
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-def train(args: argparse.Namespace, console: Console) -> tuple[float, float]:
-    """Plan, print the plan, train; the first and last step's loss."""
+def train(args: argparse.Namespace, console: Console) -> tuple[float, float, float]:
+    """Plan, print the plan, train; the first and last step's loss and the eval-mode loss of
+    a held-out batch."""
     import hierarchical_ap as hap
     from hierarchical_ap.api import search_plan
     from hierarchical_ap.commands.plan import render
@@ -132,6 +134,7 @@ def train(args: argparse.Namespace, console: Console) -> tuple[float, float]:
     seq, vocab = bundle.config.seq, bundle.config.vocab
     generator = torch.Generator().manual_seed(args.seed)
     batches = [counting_batch(args.global_batch, seq, vocab, generator) for _ in range(args.steps)]
+    held_out = counting_batch(args.global_batch, seq, vocab, generator)
     inputs, targets = batches[0]
     console.print(
         f"[bold]{args.model}[/bold] on {cluster.num_devices} {cluster.device.name} worker(s); "
@@ -178,7 +181,8 @@ def train(args: argparse.Namespace, console: Console) -> tuple[float, float]:
             progress.update(
                 task, advance=1, loss=losses[-1], norm=math.nan if norm is None else norm
             )
-    return losses[0], losses[-1]
+        eval_loss = executable.eval_step((held_out[0],), held_out[1])
+    return losses[0], losses[-1], eval_loss
 
 
 def _progress(console: Console) -> Progress:
@@ -202,13 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(width=120)  # a log (make, a Ray job): room for the plan's table
     try:
-        first, last = train(args, console)
+        first, last, eval_loss = train(args, console)
     except HapError as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
         return 2
     console.print(f"first loss: {first:.6f}", highlight=False)
     console.print(f"last loss: {last:.6f}", highlight=False)
-    if not (math.isfinite(first) and math.isfinite(last)):
+    console.print(f"eval loss (held-out batch): {eval_loss:.6f}", highlight=False)
+    if not all(math.isfinite(loss) for loss in (first, last, eval_loss)):
         Console(stderr=True).print("[red]error:[/red] the loss is not finite", highlight=False)
         return 1
     return 0

@@ -47,6 +47,8 @@ def test_plans_and_trains_with_a_finite_falling_loss(precision):
     assert math.isfinite(first) and math.isfinite(last)
     # the counting task is learnable: three AdamW steps on it lower the loss
     assert last < first, (first, last)
+    held_out = re.search(r"^eval loss \(held-out batch\): (\S+)$", result.stdout, re.MULTILINE)
+    assert held_out is not None and math.isfinite(float(held_out.group(1))), result.stdout
 
 
 @pytest.mark.timeout(120)
