@@ -414,7 +414,6 @@ _CONVOLUTIONS = frozenset(
         torch.ops.aten.convolution.default,
     }
 )
-_BATCH_NORMS = BATCH_NORMS
 
 
 def _supported_input(node: fx.Node, index: int, placements: Placements) -> Placements:
@@ -439,7 +438,7 @@ def _supported_input(node: fx.Node, index: int, placements: Placements) -> Place
 def _is_training_batch_norm(node: fx.Node) -> bool:
     """A batch norm that updates running statistics (``args``: input, weight, bias,
     running_mean, running_var, training, …)."""
-    return node.target in _BATCH_NORMS and bool(node.args[5]) and node.args[3] is not None
+    return node.target in BATCH_NORMS and bool(node.args[5]) and node.args[3] is not None
 
 
 def _tensor_arguments(node: fx.Node) -> tuple[bool, ...]:
@@ -999,7 +998,7 @@ class ShardedProgram(nn.Module):
 
     def _constant(self, graph: OpGraph, target: str) -> torch.Tensor:
         """The tensor constant ``target`` of the graph; an empty one captured on the meta
-        device (transformers' attention makes ``torch.tensor([])`` constants) is made again,
+        device (transformers' key/value cache starts from ``torch.tensor([])``) is made again,
         as it holds no data to lose."""
         value = graph.exported.constants[target]
         if isinstance(value, torch.Tensor) and value.is_meta and value.numel() == 0:

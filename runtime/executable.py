@@ -156,32 +156,55 @@ class ParallelExecutable:
 
     def train_step(self, inputs: Any, targets: Any = None) -> float:
         """One optimizer step on one global batch; returns its mean loss."""
-        loss = self._mean_loss("train_step", inputs, targets)
+        self._check_usable()
+        leaves, target_leaves = model_leaves(inputs), pytree.tree_leaves(targets)
+        _check_like("train_step", "input", leaves, self._example_inputs)
+        _check_like("train_step", "target", target_leaves, self._example_targets)
+        _check_batch(leaves, target_leaves, self.plan.num_microbatches)
+        loss = self._mean_loss("train_step", inputs, targets, leaves, target_leaves)
         self.steps += 1
         return loss
 
     def eval_step(self, inputs: Any, targets: Any = None) -> float:
-        """The mean loss of one global batch (shaped like the training batch) with the model
-        in evaluation mode, as ``model.eval()`` under ``torch.no_grad()`` computes it in one
-        process: forwards only, dropout off, batch norms on their running statistics; no
-        parameter, buffer or optimizer state changes (``intra_op.evaluation`` says which ops
-        switch)."""
-        return self._mean_loss("eval_step", inputs, targets)
-
-    def _mean_loss(self, method: str, inputs: Any, targets: Any) -> float:
-        """Check the batch, run the workers' ``method`` on it, and average the micro-batch
-        losses the reporting worker returns."""
+        """The mean loss of a batch with the model in evaluation mode, as ``model.eval()``
+        under ``torch.no_grad()`` computes it in one process: forwards only, dropout off,
+        batch norms on their running statistics; no parameter, buffer or optimizer state
+        changes (``intra_op.evaluation`` says which ops switch). The batch may hold any
+        number of the plan's micro-batches (its tensors shaped like the training batch's but
+        in dim 0); each micro-batch's loss weighs the same."""
         self._check_usable()
-        leaves = model_leaves(inputs)
-        target_leaves = pytree.tree_leaves(targets)
-        _check_like("input", leaves, self._example_inputs)
-        _check_like("target", target_leaves, self._example_targets)
-        _check_batch(leaves, target_leaves, self.plan.num_microbatches)
+        leaves, target_leaves = model_leaves(inputs), pytree.tree_leaves(targets)
+        rows = self.plan.global_batch // self.plan.num_microbatches
+        _check_like("eval_step", "input", leaves, self._example_inputs, rows)
+        _check_like("eval_step", "target", target_leaves, self._example_targets, rows)
+        sizes = sorted({t.shape[0] for t in [*leaves, *target_leaves]})
+        if len(sizes) > 1:
+            raise ValueError(
+                f"eval_step got inputs and targets with batches of {sizes}; pass one batch size"
+            )
+        microbatches = sizes[0] // rows if sizes else self.plan.num_microbatches
+        return self._mean_loss(
+            "eval_step", inputs, targets, leaves, target_leaves, num_microbatches=microbatches
+        )
+
+    def _mean_loss(
+        self,
+        method: str,
+        inputs: Any,
+        targets: Any,
+        leaves: list[Any],
+        target_leaves: list[Any],
+        **options: Any,
+    ) -> float:
+        """Run the workers' ``method`` on a checked batch and average the micro-batch losses
+        the reporting worker returns."""
         inputs_ref = _for_workers(inputs, leaves)
         targets_ref = _for_workers(targets, target_leaves)
         refs = [
             getattr(worker, method).remote(
-                inputs_ref if role["inputs"] else None, targets_ref if role["targets"] else None
+                inputs_ref if role["inputs"] else None,
+                targets_ref if role["targets"] else None,
+                **options,
             )
             for worker, role in zip(self.workers, self._roles, strict=True)
         ]
@@ -370,20 +393,31 @@ def _state_keys(model: nn.Module) -> dict[str, str]:
     return {key: names.get(key, key) for key in model.state_dict()}
 
 
-def _check_like(what: str, given: list[Any], example: list[Any]) -> None:
+def _check_like(
+    method: str, what: str, given: list[Any], example: list[Any], rows: int | None = None
+) -> None:
+    """Raise ``ValueError`` unless ``given`` are tensors shaped and typed like ``example``;
+    with ``rows``, dim 0 may be any positive multiple of ``rows``."""
     if len(given) != len(example):
         raise ValueError(
-            f"train_step got {len(given)} {what} tensors but the executable was compiled for "
+            f"{method} got {len(given)} {what} tensors but the executable was compiled for "
             f"{len(example)}; pass them like example_inputs/targets"
         )
     for index, (a, b) in enumerate(zip(given, example, strict=True)):
         if not isinstance(a, torch.Tensor):
             raise ValueError(f"{what} {index} is a {type(a).__name__}, not a tensor")
-        if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+        free = rows is not None and a.ndim == b.ndim and a.ndim > 0
+        shape, expected = (a.shape[1:], b.shape[1:]) if free else (a.shape, b.shape)
+        if tuple(shape) != tuple(expected) or a.dtype != b.dtype:
             raise ValueError(
                 f"{what} {index} has shape {tuple(a.shape)} and dtype {a.dtype} but the "
                 f"executable was compiled for {tuple(b.shape)} {b.dtype}; pass batches shaped "
                 "like example_inputs (or compile again for this shape)"
+            )
+        if free and (a.shape[0] == 0 or a.shape[0] % rows):
+            raise ValueError(
+                f"{what} {index} has a batch of {a.shape[0]}, which is not a whole number "
+                f"of the plan's micro-batches of {rows}; pass a multiple of {rows}"
             )
 
 

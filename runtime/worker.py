@@ -17,10 +17,11 @@ it on bare gloo processes). Its life:
    the initialisation is elementwise; ``initialisation_report`` says what it allocated), one
    group per parameter that several stages read (a tied embedding), the optimizer over its shards
    (``runtime.optimizer``: plain-tensor aliases of the local shards where that is exact), and
-   its static instruction list, and the seed of its random ops (dropout): one stream per
-   pipeline rank, shared by the devices of its mesh. The plan's precision (``runtime.precision``) decides the dtype the model
-   is captured and run in and the dtype the parameters are stored in (fp32 masters under
-   bf16);
+   its static instruction lists (the schedule's, and the forwards-only one ``eval_step``
+   runs), and the seed of its random ops (dropout): one stream per pipeline rank, shared by
+   the devices of its mesh. The plan's precision (``runtime.precision``) decides the dtype
+   the model is captured and run in and the dtype the parameters are stored in (fp32 masters
+   under bf16);
 3. ``train_step``: run the list over the global batch's micro-batches, then synchronise the
    gradients of parameters shared between stages (sum of the stages' full gradients, stored
    back in each copy's placement), clip them by their global norm if asked
@@ -223,9 +224,9 @@ class PipelineWorker:
         tasks = build_schedule(plan.schedule, p, plan.num_microbatches, plan.virtual_stages)
         self.instructions: list[Instruction] = build_instructions(tasks, layout)[self.rank]
         self.receive_posting = receive_posting(self.instructions)
-        evaluation = forward_only(p, plan.num_microbatches, plan.virtual_stages)
-        self.eval_instructions = build_instructions(evaluation, layout)[self.rank]
-        self.eval_receive_posting = receive_posting(self.eval_instructions)
+        self._layout = layout
+        self._eval_lists: dict[int, tuple[list[Instruction], ReceivePosting]] = {}
+        """Micro-batches → the forwards-only instruction list of that many, and its posting."""
         self._seed_random_streams(program.init_seed)
         reads = {name for s in self.programs for name in self.slices[s].user_inputs}
         return {
@@ -390,27 +391,28 @@ class PipelineWorker:
             run()
             trace.append(TimedOp(phase, -1, -1, started, clock() - began))
         self.last_step_trace = tuple(trace)
-        return self._reported(losses)
+        return self._reported(losses, self.plan.num_microbatches)
 
-    def eval_step(self, inputs: Any, targets: Any) -> list[float] | None:
-        """The losses of the global batch's micro-batches in evaluation form (forwards only,
-        ``StageProgram.evaluate``; no gradient, no parameter or buffer changes) from the
-        worker that reports them, else None."""
-        user = self._microbatch_inputs(inputs, targets, self.plan.num_microbatches)
+    def eval_step(self, inputs: Any, targets: Any, num_microbatches: int) -> list[float] | None:
+        """The losses of a batch of ``num_microbatches`` micro-batches (of the plan's size) in
+        evaluation form (forwards only, ``StageProgram.evaluate``; no gradient, no parameter
+        or buffer changes) from the worker that reports them, else None."""
+        if num_microbatches not in self._eval_lists:
+            tasks = forward_only(self.plan.num_ranks, num_microbatches, self.plan.virtual_stages)
+            steps = build_instructions(tasks, self._layout)[self.rank]
+            self._eval_lists[num_microbatches] = (steps, receive_posting(steps))
+        steps, posting = self._eval_lists[num_microbatches]
+        user = self._microbatch_inputs(inputs, targets, num_microbatches)
         losses, pending, _ = self._run_list(
-            self.eval_instructions,
-            self.eval_receive_posting,
-            user,
-            time.perf_counter(),
-            evaluate=True,
+            steps, posting, user, time.perf_counter(), evaluate=True
         )
         _wait_all(pending)
-        return self._reported(losses)
+        return self._reported(losses, num_microbatches)
 
-    def _reported(self, losses: Mapping[int, float]) -> list[float] | None:
+    def _reported(self, losses: Mapping[int, float], num_microbatches: int) -> list[float] | None:
         if not self._reports_loss():
             return None
-        return [losses[mb] for mb in range(self.plan.num_microbatches)]
+        return [losses[mb] for mb in range(num_microbatches)]
 
     def _run_list(
         self,

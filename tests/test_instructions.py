@@ -157,7 +157,9 @@ def test_stages_placed_against_the_interleaved_layout_are_refused():
         build_instructions(tasks, [(0,), (1,), (1,), (0,)])
 
 
-@pytest.mark.parametrize("name,p,m,v,sizes", CASES)
+@pytest.mark.parametrize(
+    "name,p,m,v,sizes", [*CASES, ("any", 2, 3, 2, (1, 2)), ("any", 4, 1, 1, (1, 1, 1, 1))]
+)
 def test_forward_only_lists_run_every_forward_once_without_deadlock(name, p, m, v, sizes):
     """Evaluation lists: forwards and activation transfers only, each micro-batch once per
     stage, and no deadlock (also across the chunks of interleaved layouts)."""

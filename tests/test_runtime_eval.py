@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 
 import hierarchical_ap as hap
 from tests.runtime_cases import TOLERANCE, adamw, build_case, local_ray, megatron, plan_for
@@ -46,6 +47,11 @@ def ray_session() -> Iterator[None]:
         yield
 
 
+def _rows(batch, count: int):
+    """The first ``count`` rows of every tensor of ``batch``."""
+    return pytree.tree_map(lambda t: t[:count], batch)
+
+
 def _eval_in_one_process(name: str, state: dict[str, torch.Tensor], batch) -> float:
     case = build_case(name, 1)
     model = case.model
@@ -60,6 +66,9 @@ def _eval_in_one_process(name: str, state: dict[str, torch.Tensor], batch) -> fl
 @pytest.mark.parametrize("plan_name", sorted(PLANS))
 def test_eval_step_is_the_eval_mode_loss_of_the_trained_weights(plan_name):
     name, make_plan = PLANS[plan_name]
+    plan = make_plan()
+    rows = plan.global_batch // plan.num_microbatches
+    fewer = max(1, plan.num_microbatches - 1) * rows  # another number of micro-batches
     case = build_case(name, STEPS + 1)
     *training, held_out = case.batches
     inputs, targets = case.batches[0]
@@ -70,19 +79,22 @@ def test_eval_step_is_the_eval_mode_loss_of_the_trained_weights(plan_name):
         targets=targets,
         loss_fn=case.loss_fn,
         optimizer_fn=adamw,
-        plan=make_plan(),
+        plan=plan,
     ) as exe:
         for x, y in training:
             exe.train_step(x, y)
         before = exe.state_dict()
         evaluated = exe.eval_step(*held_out)
         again = exe.eval_step(*held_out)
+        shorter = exe.eval_step(*_rows(held_out, fewer))
         after = exe.state_dict()
         assert exe.steps == STEPS
         trained = exe.train_step(*held_out)
         assert exe.steps == STEPS + 1
     expected = _eval_in_one_process(name, before, held_out)
     assert abs(evaluated - expected) <= TOLERANCE * (1 + abs(expected))
+    expected_shorter = _eval_in_one_process(name, before, _rows(held_out, fewer))
+    assert abs(shorter - expected_shorter) <= TOLERANCE * (1 + abs(expected_shorter))
     assert again == evaluated
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert math.isfinite(trained)  # training carries on after evaluating
@@ -99,7 +111,14 @@ def test_a_bad_batch_is_refused_before_any_worker_runs():
         targets=targets,
         loss_fn=case.loss_fn,
         optimizer_fn=adamw,
-        plan=plan_for("mlp", 2, tp=1, pp=2, dp=1),
+        plan=plan_for("mlp", 2, tp=1, pp=2, dp=1, micro_batch_size=2),
     ) as exe:
-        with pytest.raises(ValueError, match="input"):
+        with pytest.raises(ValueError, match="input 0 has shape"):
             exe.eval_step((inputs[0][:, :8],), targets)
+        rows = exe.plan.global_batch // exe.plan.num_microbatches
+        with pytest.raises(
+            ValueError, match=f"not a whole number of the plan's micro-batches of {rows}"
+        ):
+            exe.eval_step((inputs[0][: rows + 1],), targets[: rows + 1])
+        with pytest.raises(ValueError, match="inputs and targets with batches of"):
+            exe.eval_step((inputs[0][:rows],), targets[: 2 * rows])
