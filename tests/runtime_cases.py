@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import nn
 
-from hierarchical_ap.api import manual_plan
+from hierarchical_ap.api import compile_parallel, manual_plan
 from hierarchical_ap.cluster import Cluster
 from hierarchical_ap.models import from_spec, init_module_weights, materialize
 from hierarchical_ap.plan import ParallelPlan
@@ -222,6 +222,25 @@ def build_case(name: str, steps: int, *, meta: bool = False) -> Case:
         else:
             batches.append(((ids,), labels))
     return Case(model, batches, loss_fn)
+
+
+def compile_case(
+    case: Case, cluster: Cluster, plan: Any, optimizer_fn: Callable, **options: Any
+) -> Any:
+    """``compile_parallel`` of ``case``'s model on ``cluster`` under ``plan`` (a
+    ``ParallelPlan``, a plan file or ``None`` to search), its first batch as the example;
+    ``options`` are further ``compile_parallel`` arguments."""
+    inputs, targets = case.batches[0]
+    return compile_parallel(
+        case.model,
+        cluster,
+        example_inputs=inputs,
+        targets=targets,
+        loss_fn=case.loss_fn,
+        optimizer_fn=optimizer_fn,
+        plan=plan,
+        **options,
+    )
 
 
 def built_worker(plan: ParallelPlan, case: Case, optimizer_fn: Callable) -> PipelineWorker:

@@ -19,7 +19,10 @@ def test_profile_json_has_the_documented_keys(capsys):
     assert report["train_flops"] == report["forward_flops"] + report["backward_flops"]
     assert report["params"] > 0
     assert [layer["name"] for layer in report["layers"]][-1] == "head"
-    assert all({"name", "params", "forward_flops", "saved_activation_bytes"} <= set(layer) for layer in report["layers"])
+    assert all(
+        {"name", "params", "forward_flops", "saved_activation_bytes"} <= set(layer)
+        for layer in report["layers"]
+    )
 
 
 def test_profile_bf16_halves_activation_bytes(capsys):
@@ -35,7 +38,16 @@ def test_profile_bf16_halves_activation_bytes(capsys):
 
 def test_profile_table_output():
     result = subprocess.run(
-        [sys.executable, "-m", "hierarchical_ap.cli", "profile", "--model", "gpt-tiny", "--batch", "1"],
+        [
+            sys.executable,
+            "-m",
+            "hierarchical_ap.cli",
+            "profile",
+            "--model",
+            "gpt-tiny",
+            "--batch",
+            "1",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -49,7 +61,10 @@ def test_profile_table_output():
     "argv,message",
     [
         (["profile", "--model", "gpt-nope", "--batch", "1"], "unknown"),
-        (["profile", "--model", "gpt:layers=2,hidden=65,heads=4,vocab=10,seq=8", "--batch", "1"], "hidden"),
+        (
+            ["profile", "--model", "gpt:layers=2,hidden=65,heads=4,vocab=10,seq=8", "--batch", "1"],
+            "hidden",
+        ),
     ],
 )
 def test_profile_bad_model_spec_is_a_clear_error(argv, message, capsys):

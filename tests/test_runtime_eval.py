@@ -18,7 +18,15 @@ import torch
 import torch.utils._pytree as pytree
 
 import hierarchical_ap as hap
-from tests.runtime_cases import TOLERANCE, adamw, build_case, local_ray, megatron, plan_for
+from tests.runtime_cases import (
+    TOLERANCE,
+    adamw,
+    build_case,
+    compile_case,
+    local_ray,
+    megatron,
+    plan_for,
+)
 
 LOGICAL_CPUS = 8
 STEPS = 2
@@ -71,16 +79,7 @@ def test_eval_step_is_the_eval_mode_loss_of_the_trained_weights(plan_name):
     fewer = max(1, plan.num_microbatches - 1) * rows  # another number of micro-batches
     case = build_case(name, STEPS + 1)
     *training, held_out = case.batches
-    inputs, targets = case.batches[0]
-    with hap.compile_parallel(
-        case.model,
-        hap.Cluster.local_cpu(4),
-        example_inputs=inputs,
-        targets=targets,
-        loss_fn=case.loss_fn,
-        optimizer_fn=adamw,
-        plan=plan,
-    ) as exe:
+    with compile_case(case, hap.Cluster.local_cpu(4), plan, adamw) as exe:
         for x, y in training:
             exe.train_step(x, y)
         before = exe.state_dict()
@@ -104,15 +103,8 @@ def test_eval_step_is_the_eval_mode_loss_of_the_trained_weights(plan_name):
 def test_a_bad_batch_is_refused_before_any_worker_runs():
     case = build_case("mlp", 1)
     inputs, targets = case.batches[0]
-    with hap.compile_parallel(
-        case.model,
-        hap.Cluster.local_cpu(2),
-        example_inputs=inputs,
-        targets=targets,
-        loss_fn=case.loss_fn,
-        optimizer_fn=adamw,
-        plan=plan_for("mlp", 2, tp=1, pp=2, dp=1, micro_batch_size=2),
-    ) as exe:
+    plan = plan_for("mlp", 2, tp=1, pp=2, dp=1, micro_batch_size=2)
+    with compile_case(case, hap.Cluster.local_cpu(2), plan, adamw) as exe:
         with pytest.raises(ValueError, match="input 0 has shape"):
             exe.eval_step((inputs[0][:, :8],), targets)
         rows = exe.plan.global_batch // exe.plan.num_microbatches

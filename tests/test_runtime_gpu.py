@@ -31,6 +31,7 @@ from tests.runtime_cases import (
     build_case,
     check_bf16_losses,
     compare,
+    compile_case,
     local_ray,
     megatron,
     plan_for,
@@ -63,18 +64,8 @@ def _gpus(count: int) -> Cluster:
 
 def _train(name, cluster, plan, optimizer_fn, *, precision="fp32", steps=STEPS, init_seed=0):
     case = build_case(name, steps)
-    inputs, targets = case.batches[0]
-    with hap.compile_parallel(
-        case.model,
-        cluster,
-        example_inputs=inputs,
-        targets=targets,
-        loss_fn=case.loss_fn,
-        optimizer_fn=optimizer_fn,
-        plan=plan,
-        precision=precision,
-        init_seed=init_seed,
-    ) as exe:
+    options = {"precision": precision, "init_seed": init_seed}
+    with compile_case(case, cluster, plan, optimizer_fn, **options) as exe:
         losses = [exe.train_step(x, y) for x, y in case.batches]
         state = exe.state_dict()
     return losses, state

@@ -28,6 +28,7 @@ from tests.runtime_cases import (
     adamw,
     build_case,
     compare,
+    compile_case,
     local_ray,
     megatron,
     plan_for,
@@ -63,18 +64,10 @@ def _train(
     ``lr_scheduler_fn``) goes to both, and ``grad_norms``, when given, receives a pair
     (parallel, reference) of per-step gradient norms."""
     case = build_case(name, steps, meta=meta)
-    inputs, targets = case.batches[0]
     norms = []
-    with hap.compile_parallel(
-        case.model,
-        hap.Cluster.local_cpu(workers),
-        example_inputs=inputs,
-        targets=targets,
-        loss_fn=case.loss_fn,
-        optimizer_fn=optimizer_fn,
-        plan=plan if plan_arg is None else plan_arg,
-        **training,
-    ) as exe:
+    cluster = hap.Cluster.local_cpu(workers)
+    chosen = plan if plan_arg is None else plan_arg
+    with compile_case(case, cluster, chosen, optimizer_fn, **training) as exe:
         assert len(exe.workers) == workers
         losses = []
         for x, y in case.batches:
@@ -191,17 +184,8 @@ def test_dropout_draws_are_set_by_the_seed():
 
     def losses_with(seed: int) -> list[float]:
         case = build_case("gpt-dropout", STEPS)
-        inputs, targets = case.batches[0]
-        with hap.compile_parallel(
-            case.model,
-            hap.Cluster.local_cpu(4),
-            example_inputs=inputs,
-            targets=targets,
-            loss_fn=case.loss_fn,
-            optimizer_fn=adamw,
-            plan=plan,
-            init_seed=seed,
-        ) as exe:
+        cluster = hap.Cluster.local_cpu(4)
+        with compile_case(case, cluster, plan, adamw, init_seed=seed) as exe:
             return [exe.train_step(x, y) for x, y in case.batches]
 
     first, again, other = losses_with(0), losses_with(0), losses_with(1)
