@@ -355,6 +355,42 @@ class ParallelPlan:
         """Number of distinct devices the stages use."""
         return len({d for stage in self.stages for d in stage.devices})
 
+    def stage_layer_names(self, index: int) -> str:
+        """The layers stage ``index`` runs: one name, or "first … last"."""
+        first, last = self.stages[index].layers
+        if first == last:
+            return self.layers[first].name
+        return f"{self.layers[first].name} … {self.layers[last].name}"
+
+    def __str__(self) -> str:
+        """A few lines for people (``repr`` keeps every field): the schedule, each stage's
+        layers, devices, mesh, recomputation and predicted time, and the predicted step."""
+        chunks = f" (v={self.virtual_stages})" if self.virtual_stages > 1 else ""
+        lines = [
+            f"{self.model}: {len(self.stages)} stage(s), schedule {self.schedule}{chunks}, "
+            f"{self.num_microbatches} micro-batches of {self.micro_batch_size}, {self.precision}"
+        ]
+        for index, stage in enumerate(self.stages):
+            devices = stage.devices
+            contiguous = list(devices) == list(range(devices[0], devices[-1] + 1))
+            span = (
+                str(devices[0])
+                if len(devices) == 1
+                else f"{devices[0]}-{devices[-1]}"
+                if contiguous
+                else ",".join(map(str, devices))
+            )
+            lines.append(
+                f"  stage {index}: {self.stage_layer_names(index)} on device(s) {span}, mesh "
+                f"{'x'.join(map(str, stage.logical_mesh))}, recompute {stage.recompute}, "
+                f"{stage.time_per_microbatch_s * 1e3:.2f} ms per micro-batch"
+            )
+        lines.append(
+            f"predicted step {self.predicted_step_time_s * 1e3:.2f} ms, peak "
+            f"{self.predicted_peak_memory_bytes_per_device / 2**30:.2f} GiB per device"
+        )
+        return "\n".join(lines)
+
     # -------------------------------------------------------------------------- JSON I/O
 
     def to_dict(self) -> dict[str, Any]:

@@ -233,6 +233,23 @@ def test_plan_properties():
     assert memory(activations=3).total == 4 * GIB + 3
 
 
+def test_str_is_a_short_summary_and_repr_keeps_every_field():
+    plan, inter = two_stage_plan(), interleaved_plan()
+    lines = str(plan).splitlines()
+    assert lines[0] == "gpt-tiny: 2 stage(s), schedule 1f1b, 4 micro-batches of 2, bf16"
+    assert lines[1].startswith(
+        f"  stage 0: {TINY_LAYERS[0][0]} … {TINY_LAYERS[1][0]} on device(s) 0-1,"
+    )
+    assert "mesh 2x1, recompute none, 10.00 ms per micro-batch" in lines[2]
+    assert lines[-1] == "predicted step 50.00 ms, peak 5.00 GiB per device"
+    assert (
+        str(inter)
+        .splitlines()[0]
+        .endswith("schedule interleaved (v=2), 4 micro-batches of 4, fp32")
+    )
+    assert "param_placements" in repr(plan) and "param_placements" not in str(plan)
+
+
 def test_plan_error_is_a_hap_value_error():
     assert issubclass(PlanError, HapError) and issubclass(PlanError, ValueError)
     with pytest.raises(PlanError) as info:

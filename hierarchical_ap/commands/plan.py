@@ -167,15 +167,9 @@ def render(plan: ParallelPlan, console: Console) -> None:
     for column in ("stage", "layers", "hosts", "devices", "mesh", "recompute", "ms/µbatch", "GiB"):
         table.add_column(column, justify="right" if column in ("ms/µbatch", "GiB") else "left")
     for index, stage in enumerate(plan.stages):
-        first, last = stage.layers
-        names = (
-            plan.layers[first].name
-            if first == last
-            else (f"{plan.layers[first].name} … {plan.layers[last].name}")
-        )
         table.add_row(
             str(index),
-            names,
+            plan.stage_layer_names(index),
             _span(stage.hosts),
             f"{len(stage.devices)}",
             "x".join(map(str, stage.logical_mesh)),
