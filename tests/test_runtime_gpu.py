@@ -37,6 +37,7 @@ from tests.runtime_cases import (
     plan_for,
     reference_run,
     sgd_momentum,
+    warmup_then_cosine,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -87,6 +88,29 @@ def test_ray_reports_datasheet_gpus_and_nccl():
 def test_planned_gpt_on_one_gpu_trains_like_one_process():
     losses, state = _train("gpt", _gpus(1), None, adamw)
     assert compare(losses, state, _reference("gpt", adamw)) == {}
+
+
+@pytest.mark.timeout(300)
+def test_clipping_a_schedule_and_eval_on_one_gpu_match_one_process():
+    """The clipping all-reduce over NCCL, a warm-up + cosine schedule, and ``eval_step``
+    against ``model.eval()`` of the trained weights, on the GPU."""
+    cluster, training = _gpus(1), {"max_grad_norm": 0.2, "lr_scheduler_fn": warmup_then_cosine}
+    case = build_case("gpt-dropout", STEPS + 1)
+    *batches, held_out = case.batches
+    with compile_case(case, cluster, None, adamw, **training) as exe:
+        norms = []
+        for x, y in batches:
+            exe.train_step(x, y)
+            norms.append(exe.last_grad_norm)
+        evaluated, state = exe.eval_step(*held_out), exe.state_dict()
+    assert all(n > 0.2 for n in norms)
+    model = build_case("gpt-dropout", 1).model.cuda()
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():
+        inputs, targets = held_out
+        expected = case.loss_fn(model(*[t.cuda() for t in inputs]), targets.cuda()).item()
+    assert evaluated == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.timeout(300)
