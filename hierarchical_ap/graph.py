@@ -105,6 +105,8 @@ class OpGraph:
     _fx_nodes: dict[str, fx.Node] | None = field(default=None, repr=False)
     _rebuild: Callable[[int], OpGraph] | None = field(default=None, repr=False)
     """Set on graphs captured with ``dynamic_batch=True``: re-derives the graph at a batch."""
+    frozen_params: frozenset[str] = frozenset()
+    """Parameter FQNs that do not require a gradient (frozen: no gradient, no update)."""
     stamped: bool = False
     """Built by ``hierarchical_ap.stamping`` from a shallower trace: it plans like a traced graph
     but has no executable program of its own (``exported`` is the shallow trace's)."""
@@ -569,6 +571,9 @@ def _build_op_graph(
         target_inputs=user_inputs[num_model_inputs:],
         capture_time_s=0.0,
         has_loss=False,
+        frozen_params=frozenset(
+            fqn for name, fqn in value_to_param.items() if not requires_grad.get(name, False)
+        ),
         _consumers=consumers,
     )
     for layer in layers:

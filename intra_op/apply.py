@@ -950,7 +950,8 @@ class ShardedProgram(nn.Module):
                             graph.param_shapes[fqn],
                             self._solution.param_placements[fqn],
                             self._master_dtype,
-                        )
+                        ),
+                        requires_grad=fqn not in graph.frozen_params,
                     )
                 alias = spec.target.removeprefix(_MODEL_PREFIX)
                 _owner(self, alias).register_parameter(alias.rsplit(".", 1)[-1], params[fqn])

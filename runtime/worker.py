@@ -612,6 +612,8 @@ class PipelineWorker:
         (one contribution per stage, from its mesh origin) and store the sum in every copy."""
         for fqn, stages, group in self.shared:
             mine = [self.programs[s].parameters_by_fqn()[fqn] for s in stages if s in self.programs]
+            if not mine[0].requires_grad:  # frozen: no gradient on any copy
+                continue
             total = torch.zeros(mine[0].shape, dtype=mine[0].dtype, device=self.device)
             for param in mine:
                 if param.grad is not None:

@@ -99,3 +99,7 @@ def test_a_non_finite_norm_makes_every_gradient_non_finite_as_clip_grad_norm_doe
     norm = grad_clip.clip_by_global_norm(grads, grads, 1.0, torch.device("cpu"))
     assert norm != norm
     assert all(torch.isnan(g).all() for g in grads)
+
+
+def test_a_worker_without_gradients_adds_nothing_and_scales_nothing():
+    assert grad_clip.clip_by_global_norm([], [], 1.0, torch.device("cpu")) == 0.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -191,6 +192,40 @@ def test_dropout_draws_are_set_by_the_seed():
     first, again, other = losses_with(0), losses_with(0), losses_with(1)
     assert first == again
     assert min(abs(a - b) for a, b in zip(first, other, strict=True)) > 1e-4
+
+
+FROZEN = {
+    # the tied embedding and head, and the first block: part of each stage frozen
+    "tied-embedding-and-block-0": re.compile(r"^(embed|blocks\.0)\."),
+    # every parameter of stage 0 (embeddings, blocks 0 and 1): it sends nothing back
+    "all-of-stage-0": re.compile(r"^(embed|pos_embed|blocks\.[01])\."),
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("frozen", sorted(FROZEN))
+def test_frozen_parameters_stay_as_they_are_and_the_rest_trains_like_one_process(frozen):
+    """Fine-tuning with ``requires_grad=False`` parameters (Megatron tensor-parallel stages,
+    AdamW with weight decay, clipping): frozen ones get no gradient, no update and no decay,
+    and count in no gradient norm."""
+    pattern = FROZEN[frozen]
+
+    def frozen_case():
+        case = build_case("gpt", STEPS)
+        for name, param in case.model.named_parameters():
+            param.requires_grad_(not pattern.search(name))
+        return case
+
+    plan = megatron(plan_for("gpt", 4, tp=2, pp=2, dp=1, micro_batch_size=2))
+    case = frozen_case()
+    with compile_case(case, hap.Cluster.local_cpu(4), plan, adamw, max_grad_norm=0.5) as exe:
+        losses = [exe.train_step(x, y) for x, y in case.batches]
+        state = exe.state_dict()
+    reference = reference_run(frozen_case(), adamw, max_grad_norm=0.5)
+    assert compare(losses, state, reference) == {}
+    initial = build_case("gpt", 1).model.state_dict()
+    held = [key for key in state if pattern.search(key)]
+    assert held and all(torch.equal(state[key], initial[key]) for key in held)
 
 
 CLIPPED_PLANS = {
