@@ -204,10 +204,16 @@ def parameter_state_bytes(
     mesh_shape: Sequence[int],
     training_memory: TrainingMemory,
     zero: ZeroStage | None = None,
+    frozen: bool = False,
 ) -> float:
     """Training state of one parameter per device when stored as ``stored``: its bytes times
-    ``1 + gradient_factor + optimizer_factor`` over the shard factor, or as ``zero`` splits it."""
-    factors = (training_memory.gradient_factor, training_memory.optimizer_factor)
+    ``1 + gradient_factor + optimizer_factor`` over the shard factor, or as ``zero`` splits it;
+    a ``frozen`` parameter (no gradient, no optimizer state) is its bytes alone."""
+    factors = (
+        (0.0, 0.0)
+        if frozen
+        else (training_memory.gradient_factor, training_memory.optimizer_factor)
+    )
     if zero is not None:
         return zero.state_bytes(meta, stored, mesh_shape, *factors).total
     return meta.nbytes * (1 + sum(factors)) / shard_factor(stored, mesh_shape)
@@ -262,7 +268,14 @@ def build_cost_graph(
                     np.array([TIE_BREAK_S * (shard_factor(p, mesh_shape) > 1) for p in outputs]),
                     np.array(
                         [
-                            parameter_state_bytes(meta, p, mesh_shape, training_memory, zero)
+                            parameter_state_bytes(
+                                meta,
+                                p,
+                                mesh_shape,
+                                training_memory,
+                                zero,
+                                fqn in graph.frozen_params,
+                            )
                             for p in outputs
                         ]
                     ),
@@ -386,9 +399,9 @@ class _ProblemBuilder:
         is_param = source.kind == "param"
         regather = 2.0 if is_param else 1.0
         needs_grad = (
-            is_param
-            or graph.nodes.get(source.name) is not None
-            and graph.nodes[source.name].requires_grad
+            graph.value_to_param[source.name] not in graph.frozen_params
+            if is_param
+            else graph.nodes.get(source.name) is not None and graph.nodes[source.name].requires_grad
         )
         assert consumer.strategies is not None
         shape = (len(source.outputs), len(consumer.strategies))

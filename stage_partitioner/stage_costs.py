@@ -296,7 +296,12 @@ class PartSolver:
             },
             param_state_bytes={
                 fqn[len(prefix) :]: parameter_state_bytes(
-                    part.graph.param_shapes[fqn], p, mesh_shape, self.training_memory, self.zero
+                    part.graph.param_shapes[fqn],
+                    p,
+                    mesh_shape,
+                    self.training_memory,
+                    self.zero,
+                    fqn in part.graph.frozen_params,
                 )
                 for fqn, p in solution.param_placements.items()
             },
@@ -307,12 +312,15 @@ class PartSolver:
     ) -> tuple[float, float]:
         """(gradient accumulation per micro-batch, optimizer step) of the part's parameters
         stored as ``placements``: per device, each parameter's gradient bytes and the elements
-        of its optimizer shard (under ZeRO, split ``ZeroStage.state_split`` ways further)."""
+        of its optimizer shard (under ZeRO, split ``ZeroStage.state_split`` ways further);
+        frozen parameters have neither."""
         memory, mesh_shape = self.training_memory, tuple(part.mesh.shape)
         device = part.mesh.submesh.cluster.device
         factors = (memory.gradient_factor, memory.optimizer_factor)
         gradient_bytes, elements = [], []
         for fqn, stored in placements.items():
+            if fqn in part.graph.frozen_params:
+                continue
             meta = part.graph.param_shapes[fqn]
             share = 1 / shard_factor(stored, mesh_shape)
             if self.zero is None:

@@ -162,6 +162,42 @@ def test_breakdown_of_data_parallel_mlp_is_hand_derived():
     assert 0 < one.forward_time_s < one.cost_s - sync
 
 
+def test_frozen_parameters_cost_their_bytes_alone_and_no_gradient_sync():
+    """The data-parallel MLP above with its first layer frozen (``requires_grad=False``, as in
+    fine-tuning): the frozen layer keeps 4 bytes per parameter (no gradient, no Adam moments)
+    and pays no gradient all-reduce; the trainable layer costs what it did."""
+    import torch
+
+    from tests.reference_models import MLP, class_loss
+
+    cluster = Cluster.from_spec("1x2xA100-80GB")
+    model = MLP(width=1024, depth=1, classes=1024)
+    model.net[0].requires_grad_(False)
+    graph = capture(
+        model,
+        (torch.randn(65536, 1024),),
+        loss_fn=class_loss,
+        targets=torch.zeros(65536, dtype=torch.long),
+    )
+    assert graph.frozen_params == {"net.0.weight", "net.0.bias"}
+    mesh = cluster.logical_mesh((2, 1))
+    solution = solve_sharding(graph, mesh, cluster)
+    assert all(p == (R, R) for p in solution.param_placements.values())
+    cost = CostModel.for_cluster(cluster)
+    latency = cost.all_reduce_time(0, mesh.axes[0])
+    trainable = [m for fqn, m in graph.param_shapes.items() if fqn not in graph.frozen_params]
+    frozen = [m for fqn, m in graph.param_shapes.items() if fqn in graph.frozen_params]
+    sync = sum(
+        cost.all_reduce_time(meta.nbytes, mesh.axes[0])
+        - latency * (1 - min(1.0, meta.nbytes / BUCKET_BYTES))
+        for meta in trainable
+    )
+    assert solution.gradient_sync_s == pytest.approx(sync, rel=1e-6)
+    assert solution.state_bytes_per_device == pytest.approx(
+        4 * sum(m.nbytes for m in trainable) + sum(m.nbytes for m in frozen)
+    )
+
+
 def test_lean_solution_needs_the_least_memory():
     graph = captured("gpt:layers=1,hidden=1024,heads=16,vocab=8192,seq=512", batch=8)
     cluster = Cluster.from_spec("1x8xA100-80GB")
