@@ -27,7 +27,7 @@ from hierarchical_ap.cluster import Cluster
 from hierarchical_ap.errors import PlanError
 from hierarchical_ap.graph import OpGraph, capture
 from hierarchical_ap.plan import ParallelPlan
-from runtime.executable import ParallelExecutable
+from runtime.executable import ParallelExecutable, check_max_grad_norm
 from runtime.precision import cast_floating, compute_dtype, policy_for
 from runtime.worker import (
     LRSchedulerFn,
@@ -206,6 +206,7 @@ def compile_parallel(
     model, the cluster or the precision.
     """
     policy_for(precision)
+    check_max_grad_norm(max_grad_norm)
     if plan is not None and not isinstance(plan, ParallelPlan):
         plan = ParallelPlan.load(Path(plan))
     if plan is not None and plan.precision != precision:

@@ -109,11 +109,7 @@ class ParallelExecutable:
         ``UnsupportedPrecisionError`` for a plan in a precision the runtime cannot train in,
         ``ValueError`` for a ``max_grad_norm`` that is not positive."""
         policy_for(plan.precision)
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(
-                f"max_grad_norm must be a positive number, got {max_grad_norm!r}; pass None "
-                "not to clip"
-            )
+        check_max_grad_norm(max_grad_norm)
         _check_batch(
             model_leaves(example_inputs), pytree.tree_leaves(targets), plan.num_microbatches
         )
@@ -391,6 +387,14 @@ def _state_keys(model: nn.Module) -> dict[str, str]:
         for name, p in model.named_parameters(remove_duplicate=False)
     }
     return {key: names.get(key, key) for key in model.state_dict()}
+
+
+def check_max_grad_norm(max_grad_norm: float | None) -> None:
+    """Raise ``ValueError`` unless ``max_grad_norm`` is ``None`` or a positive number."""
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(
+            f"max_grad_norm must be a positive number, got {max_grad_norm!r}; pass None not to clip"
+        )
 
 
 def _check_like(

@@ -346,6 +346,15 @@ def test_a_global_batch_that_does_not_split_into_micro_batches_is_refused():
         )
 
 
+@pytest.mark.parametrize("bound", [0.0, -1.0, float("nan")])
+def test_a_max_grad_norm_that_is_not_positive_is_refused_before_planning(bound):
+    """Checked first: the plan file named here does not exist, and is never read."""
+    case = build_case("mlp", 1)
+    missing = "no-such-plan.json"
+    with pytest.raises(ValueError, match="max_grad_norm must be a positive number"):
+        compile_case(case, hap.Cluster.local_cpu(2), missing, sgd, max_grad_norm=bound)
+
+
 @pytest.mark.timeout(180)
 def test_a_killed_worker_fails_the_step_naming_it_and_shutdown_frees_every_actor(
     gpt_executable,
