@@ -97,7 +97,7 @@ from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
 from hierarchical_ap.errors import HapError
 from hierarchical_ap.graph import OpGraph
 from hierarchical_ap.profile import METADATA_CHECKS, TensorMeta
-from intra_op.evaluation import BATCH_NORMS, Call, evaluation_calls
+from intra_op.evaluation import ATTENTION, Call, evaluation_calls, is_training_batch_norm
 from intra_op.gradient_sync import (
     AccumulatedGradient,
     StepGradients,
@@ -129,8 +129,7 @@ __all__ = [
     "validate_solution",
 ]
 
-_ATTENTION = torch.ops.aten.scaled_dot_product_attention.default
-_ATTENTION_ARGS = [argument.name for argument in _ATTENTION._schema.arguments]
+_ATTENTION_ARGS = [argument.name for argument in ATTENTION._schema.arguments]
 
 _MODEL_PREFIX = "model."
 _USER_OUTPUTS = (OutputKind.USER_OUTPUT, OutputKind.LOSS_OUTPUT)
@@ -430,15 +429,9 @@ def _supported_input(node: fx.Node, index: int, placements: Placements) -> Place
     if node.target in _CONVOLUTIONS:
         keep = (Replicate(), Shard(0)) if index == 0 else (Replicate(),)
         return tuple(p if p in keep else Replicate() for p in placements)
-    if _is_training_batch_norm(node):
+    if is_training_batch_norm(node):
         return replicated(len(placements))
     return placements
-
-
-def _is_training_batch_norm(node: fx.Node) -> bool:
-    """A batch norm that updates running statistics (``args``: input, weight, bias,
-    running_mean, running_var, training, …)."""
-    return node.target in BATCH_NORMS and bool(node.args[5]) and node.args[3] is not None
 
 
 def _tensor_arguments(node: fx.Node) -> tuple[bool, ...]:
@@ -479,7 +472,7 @@ def _written_inputs(node: fx.Node) -> set[fx.Node]:
             alias = argument.alias_info
             if alias is not None and alias.is_write and isinstance(value, fx.Node):
                 written.add(value)
-    if _is_training_batch_norm(node):
+    if is_training_batch_norm(node):
         written.update(a for a in node.args[3:5] if isinstance(a, fx.Node))
     return written
 
@@ -1089,7 +1082,7 @@ class ShardedProgram(nn.Module):
 
     def _execute(self, target: Any, args: Any, kwargs: Any) -> Any:
         """Run the op; outputs are DTensors in placements a solution can name."""
-        if target is _ATTENTION:
+        if target is ATTENTION:
             output = self._local_attention(args, kwargs)
         else:
             output = target(*args, **kwargs)
@@ -1133,7 +1126,7 @@ class ShardedProgram(nn.Module):
                 for p in placements
             )
             bound["attn_mask"] = self._redistribute(mask, mask_placements, where).to_local()
-        return DTensor.from_local(_ATTENTION(**bound), self._mesh, placements, run_check=False)
+        return DTensor.from_local(ATTENTION(**bound), self._mesh, placements, run_check=False)
 
     def _settle(self, value: DTensor) -> DTensor:
         """Reduce DTensor's private kinds of ``Partial`` (a vocabulary-parallel embedding's

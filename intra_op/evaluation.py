@@ -6,9 +6,9 @@ runs the same nodes (so the same stages, shardings and parameters) with those op
 
 1. dropout (``aten.dropout``, ``feature_dropout``, ``alpha_dropout``,
    ``feature_alpha_dropout``: ``(input, p, train)``) passes its input through;
-2. a training batch norm (``aten.batch_norm`` / ``native_batch_norm`` with ``training``, the
-   argument at index 5) normalises with its running statistics, which it then leaves as they
-   are;
+2. a training batch norm that tracks running statistics (``is_training_batch_norm``)
+   normalises with them, which it then leaves as they are; one without running statistics
+   normalises by the batch in evaluation too, as ``model.eval()`` leaves it;
 3. ``scaled_dot_product_attention`` runs with ``dropout_p = 0``;
 4. any other op that writes into a buffer in place, its first argument (batch norm's
    ``num_batches_tracked += 1``), passes that argument through unchanged.
@@ -44,6 +44,16 @@ Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 """An op and its arguments."""
 
 
+def is_training_batch_norm(node: fx.Node) -> bool:
+    """A batch norm that updates running statistics (``args``: input, weight, bias,
+    running_mean, running_var, training, …)."""
+    return (
+        node.target in BATCH_NORMS
+        and bool(node.args[_BATCH_NORM_TRAINING])
+        and node.args[3] is not None
+    )
+
+
 def pass_through(value: Any, *_: Any, **__: Any) -> Any:
     """Its first argument, unchanged (the evaluation form of rules 1 and 4)."""
     return value
@@ -58,7 +68,7 @@ def evaluation_call(
     target = node.target
     if target in DROPOUTS:
         return pass_through, tuple(args), dict(kwargs)
-    if target in BATCH_NORMS and len(args) > _BATCH_NORM_TRAINING and args[_BATCH_NORM_TRAINING]:
+    if is_training_batch_norm(node):
         switched = list(args)
         switched[_BATCH_NORM_TRAINING] = False
         return target, tuple(switched), dict(kwargs)

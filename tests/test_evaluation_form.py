@@ -63,3 +63,15 @@ def test_pass_through_returns_its_first_argument_untouched():
     value = torch.zeros(3)
     assert pass_through(value, 1, alpha=2) is value
     assert torch.equal(value, torch.zeros(3))
+
+
+def test_a_batch_norm_without_running_statistics_keeps_normalising_by_the_batch():
+    """``model.eval()`` leaves such a norm on batch statistics (it has none to switch to)."""
+    model = nn.Sequential(nn.BatchNorm1d(4, track_running_stats=False), nn.Dropout(0.5))
+    graph = capture(model, (torch.randn(4, 4),), loss_fn=lambda out: out.sum())
+    nodes = [n for n in graph.graph_module.graph.nodes if n.op == "call_function"]
+    calls = evaluation_calls({n: (n.args, n.kwargs) for n in nodes}, set())
+    (norm,) = [n for n in nodes if n.target in BATCH_NORMS]
+    assert norm.args[5] is True and norm.args[3] is None
+    assert norm not in calls
+    assert [n.target for n in calls] == [next(n for n in nodes if n.target in DROPOUTS).target]
