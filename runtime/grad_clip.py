@@ -75,8 +75,9 @@ def clip_by_global_norm(
     device: torch.device,
     group: dist.ProcessGroup | None = None,
 ) -> float:
-    """Clip in place and return N (1): ``counted`` are the pieces this worker adds to (1),
-    ``scaled`` every gradient it holds (3), either possibly empty (a worker whose parameters
+    """Clip in place and return N (1): ``counted`` are the pieces (``local_piece``) this
+    worker adds to (1), ``scaled`` the pieces of every gradient it holds (3), either possibly
+    empty (a worker whose parameters
     are all frozen still joins the all-reduce); one all-reduce over ``group`` (the global
     group when ``None``; no communication outside a distributed run). A non-finite N makes every
     gradient non-finite, as ``clip_grad_norm_`` does without ``error_if_nonfinite``."""
@@ -86,5 +87,5 @@ def clip_by_global_norm(
     norm = float(total.sqrt())
     coefficient = max_norm / (norm + CLIP_EPSILON)
     if scaled and not coefficient >= 1.0:  # c < 1 of (2), or NaN
-        torch._foreach_mul_([local_piece(g) for g in scaled], coefficient)
+        torch._foreach_mul_(list(scaled), coefficient)
     return norm

@@ -489,13 +489,11 @@ class PipelineWorker:
         first_reader = {fqn: stages[0] for fqn, stages, _ in self.shared}
         coordinate = self.mesh.get_coordinate()
         counted, held = [], []
-        seen: set[int] = set()
-        for s, program in sorted(self.programs.items()):
+        for s, program in sorted(self.programs.items()):  # each stage's own parameters
             for fqn, param in program.parameters_by_fqn().items():
                 grad = param.grad
-                if grad is None or id(param) in seen:
+                if grad is None:
                     continue
-                seen.add(id(param))
                 piece = grad_clip.local_piece(grad)
                 held.append(piece)
                 placements = grad.placements if isinstance(grad, DTensor) else param.placements
