@@ -288,6 +288,15 @@ class PlanStage:
             return cls(**kwargs)
 
 
+def index_span(indices: Sequence[int]) -> str:
+    """Host or device indices for people: ``3``, ``0-3`` for a contiguous run, else ``0,2``."""
+    if len(indices) == 1:
+        return str(indices[0])
+    if list(indices) == list(range(indices[0], indices[-1] + 1)):
+        return f"{indices[0]}-{indices[-1]}"
+    return ",".join(map(str, indices))
+
+
 @dataclass(frozen=True)
 class ParallelPlan:
     """A complete parallel plan: layers, stages, schedule and the planner's predictions."""
@@ -371,17 +380,9 @@ class ParallelPlan:
             f"{self.num_microbatches} micro-batches of {self.micro_batch_size}, {self.precision}"
         ]
         for index, stage in enumerate(self.stages):
-            devices = stage.devices
-            contiguous = list(devices) == list(range(devices[0], devices[-1] + 1))
-            span = (
-                str(devices[0])
-                if len(devices) == 1
-                else f"{devices[0]}-{devices[-1]}"
-                if contiguous
-                else ",".join(map(str, devices))
-            )
             lines.append(
-                f"  stage {index}: {self.stage_layer_names(index)} on device(s) {span}, mesh "
+                f"  stage {index}: {self.stage_layer_names(index)} on device(s) "
+                f"{index_span(stage.devices)}, mesh "
                 f"{'x'.join(map(str, stage.logical_mesh))}, recompute {stage.recompute}, "
                 f"{stage.time_per_microbatch_s * 1e3:.2f} ms per micro-batch"
             )

@@ -18,10 +18,10 @@ and, on the last stage, the micro-batch's loss; ``backward(mb, grads)`` runs aut
 sent tensors (or from ``loss / num_microbatches`` on the last stage), accumulating parameter
 gradients locally (``ShardedProgram.open_step``), and returns the gradients of the received
 values;
-``free(mb)`` drops what the micro-batch kept; ``evaluate(received, user_inputs)`` is the forward
-in evaluation form (``intra_op.evaluation``), without autograd and keeping nothing. Summing ``loss_i / m`` over the ``m`` equal
-micro-batches gives the gradient of the mean loss over the global batch (for a loss that is a
-mean over the batch).
+``free(mb)`` drops what the micro-batch kept; ``evaluate(received, user_inputs)`` is the
+forward in evaluation form (``intra_op.evaluation``), without autograd and keeping nothing.
+Summing ``loss_i / m`` over the ``m`` equal micro-batches gives the gradient of the mean loss
+over the global batch (for a loss that is a mean over the batch).
 
 Execution is chosen by the mesh (``ShardedProgram.run_part``): on a one-device mesh (``tp=1,
 dp=1`` stages, as Megatron runs plain modules at ``tp=1``) the slice runs as a compiled

@@ -21,6 +21,7 @@ from hierarchical_ap.plan import (
     PlanLayer,
     PlanStage,
     fingerprint,
+    index_span,
     model_fingerprint,
 )
 
@@ -248,6 +249,7 @@ def test_str_is_a_short_summary_and_repr_keeps_every_field():
         .endswith("schedule interleaved (v=2), 4 micro-batches of 4, fp32")
     )
     assert "param_placements" in repr(plan) and "param_placements" not in str(plan)
+    assert [index_span(ids) for ids in ((3,), (0, 1, 2, 3), (0, 2))] == ["3", "0-3", "0,2"]
 
 
 def test_plan_error_is_a_hap_value_error():

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from hierarchical_ap.plan import ParallelPlan
+from hierarchical_ap.plan import ParallelPlan, index_span
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -170,7 +170,7 @@ def render(plan: ParallelPlan, console: Console) -> None:
         table.add_row(
             str(index),
             plan.stage_layer_names(index),
-            _span(stage.hosts),
+            index_span(stage.hosts),
             f"{len(stage.devices)}",
             "x".join(map(str, stage.logical_mesh)),
             stage.recompute,
@@ -184,7 +184,3 @@ def render(plan: ParallelPlan, console: Console) -> None:
         f"{plan.predicted_tflops_per_device:.1f} TFLOP/s per device, peak "
         f"{plan.predicted_peak_memory_bytes_per_device / 2**30:.1f} GiB per device{planning}"
     )
-
-
-def _span(hosts: tuple[int, ...]) -> str:
-    return str(hosts[0]) if len(hosts) == 1 else f"{hosts[0]}-{hosts[-1]}"
